@@ -1,0 +1,86 @@
+"""Sample text from a model trained by train_tiny.py: `python generate.py`.
+
+Loads out_dir/ckpt.npz with its tokenizer, decodes with a key/value cache (each new token
+costs one position), and prints the text, then tokens/s, the activated parameters per token
+N_a against the dense count N, and the sparsity measured at each projection site.
+`--sparsity 0` runs the dense fallback (the paper's deployment advice for inputs unlike
+the training data); another value overrides the trained top-K sparsity.
+"""
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+from minisparse import backend, model
+from minisparse.decode import SparsityMeter
+from minisparse.errors import UsageError
+from minisparse.linear import SparseSpec
+from minisparse.sampling import generate
+from minisparse.train import load_run
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Sample from a minisparse run.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out_dir", default="out-tiny", help="the run to load (its ckpt.npz)")
+    p.add_argument("--prompt", default="The ", help="text to continue")
+    p.add_argument("--max_new_tokens", type=int, default=300, help="tokens to generate per sample")
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy")
+    p.add_argument("--top_k", type=int, default=40, help="sample only from the k most likely tokens; 0 = all")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the sampler")
+    p.add_argument("--num_samples", type=int, default=1, help="independent samples, decoded as one batch")
+    p.add_argument("--device", default="cpu", help="'cpu' (NumPy) or 'gpu' (CuPy)")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="override the trained sparsity at inference; 0 = dense fallback (default: as trained)")
+    return p
+
+
+def run(args):
+    if args.num_samples < 1:
+        raise UsageError(f"--num_samples {args.num_samples} is not allowed: it must be >= 1.")
+    if args.top_k < 0:
+        raise UsageError(f"--top_k {args.top_k} is not allowed: it must be >= 0 (0 = no filtering).")
+    backend.set_device(args.device)
+    params, _, cfg, tok, _ = load_run(args.out_dir)
+    spec = cfg.spec
+    if args.sparsity is not None:
+        model.GPTConfig(**{**cfg.to_dict(), "sparsity": args.sparsity, "nm": None})   # validates the value
+        spec = SparseSpec(args.sparsity, None, cfg.ste)
+    run_cfg = model.GPTConfig(**{**cfg.to_dict(), "sparsity": spec.sparsity, "nm": spec.nm})
+    ids = tok.encode(args.prompt)
+    prompt = np.array([ids] * args.num_samples, dtype=np.int64)
+    meter = SparsityMeter()
+    t0 = time.perf_counter()
+    out = generate(params, cfg, prompt, args.max_new_tokens, args.temperature, args.top_k or None,
+                   np.random.default_rng(args.seed), spec, meter)
+    dt = time.perf_counter() - t0
+    for i, row in enumerate(out):
+        if args.num_samples > 1:
+            print(f"---------- sample {i + 1}")
+        print(tok.decode(row.tolist()))
+    measured = meter.mean()
+    per_layer = {l: measured for l in range(cfg.n_layer)}
+    n_new = args.max_new_tokens * args.num_samples
+    print("----------", file=sys.stderr)
+    print(f"{n_new} tokens in {dt:.2f} s: {n_new / max(dt, 1e-9):,.0f} tokens/s "
+          f"({'dense' if spec.dense else 'sparsity ' + format(run_cfg.overall_sparsity, '.2f')})", file=sys.stderr)
+    print(f"activated parameters per token N_a: {model.activated_params(run_cfg):,} nominal, "
+          f"{model.activated_params(run_cfg, per_layer):,} measured, of N = {model.count_params(cfg):,} "
+          "(embedding and head excluded)", file=sys.stderr)
+    print("measured sparsity per site: " + ", ".join(f"{k} {v:.2f}" for k, v in measured.items()), file=sys.stderr)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except UsageError as e:
+        print(f"generate.py: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

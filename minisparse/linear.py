@@ -1,0 +1,69 @@
+"""The Q-Sparse projection: sparsify the input, then a dense matrix product (Eq. 2-3, 12-13).
+
+    xs = x * Mask,  Mask = TopK(|x|) per token (or N:M blocks)        x, xs: (B, T, C)
+    y_i = xs @ W_i^T                   for each weight W_i: (O_i, C),  y_i: (B, T, O_i)
+
+One input can feed several weights (q, k and v share theirs; so do up and gate): it is
+sparsified once and every weight sees the same xs. Backward:
+
+    dW_i = dy_i^T @ xs                                                  (O_i, C)
+    dxs  = sum_i dy_i @ W_i                                             (B, T, C)
+    dx   = dxs            straight-through estimator (Eq. 13)
+    dx   = dxs * Mask     with ste=False, the masked-gradient ablation (Eq. 12)
+
+Sparsity 0 and no N:M means dense: no mask is made and x is used as it is.
+The spec also reports what the paper's Table 2 measures: the fraction of zeros that
+actually reached the projection (top-K zeros plus any zeros already in x, e.g. ReLU2's).
+"""
+
+from dataclasses import dataclass
+
+from .nm import nm_forward
+from .topk import kept_count, topk_backward, topk_forward
+
+
+@dataclass(frozen=True)
+class SparseSpec:
+    """How a projection input is sparsified: top-K at `sparsity`, or N:M with nm=(keep, block)."""
+    sparsity: float = 0.0      # fraction of the C inputs zeroed per token; 0 = dense
+    nm: tuple = None           # (keep, block) for Block Q-Sparse; overrides sparsity
+    ste: bool = True           # straight-through gradient (True) or masked gradient (False)
+
+    @property
+    def dense(self):
+        return self.nm is None and self.sparsity == 0.0
+
+
+def sparsify(x, spec):
+    """xs, mask = the sparsified input and its mask (mask is None when dense)."""
+    if spec.nm is not None:
+        return nm_forward(x, spec.nm[0], spec.nm[1])
+    if spec.sparsity == 0.0:
+        return x, None
+    return topk_forward(x, kept_count(x.shape[-1], spec.sparsity))
+
+
+def sparse_linear_forward(x, weights, spec=SparseSpec()):
+    """x (B, T, C), weights [W_i (O_i, C)] -> ([y_i (B, T, O_i)], cache)."""
+    B, T, C = x.shape
+    xs, mask = sparsify(x, spec)                                # (B, T, C)
+    xs2 = xs.reshape(B * T, C)                                  # (N, C): one BLAS call per weight
+    ys = [(xs2 @ W.T).reshape(B, T, W.shape[0]) for W in weights]
+    zero_frac = (xs2 == 0).mean()                               # measured sparsity, a 0-d array
+    cache = (xs2, mask, weights, spec, zero_frac)
+    return ys, cache
+
+
+def sparse_linear_backward(dys, cache):
+    """[dy_i (B, T, O_i)] -> (dx (B, T, C), [dW_i (O_i, C)])."""
+    xs2, mask, weights, spec, _ = cache
+    N, C = xs2.shape
+    dW = []
+    dxs2 = None
+    for dy, W in zip(dys, weights):
+        dy2 = dy.reshape(N, W.shape[0])                         # (N, O_i)
+        dW.append(dy2.T @ xs2)                                  # y = xs W^T  ->  dW = dy^T xs
+        d = dy2 @ W                                             #             ->  dxs = dy W
+        dxs2 = d if dxs2 is None else dxs2 + d
+    dxs = dxs2.reshape(dys[0].shape[:-1] + (C,))                # (B, T, C)
+    return topk_backward(dxs, mask, spec.ste), dW

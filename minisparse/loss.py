@@ -1,0 +1,33 @@
+"""Softmax cross-entropy, the language-modelling loss, averaged over tokens.
+
+    p = softmax(logits)                         logits, p: (N, V),  targets: (N,)
+    loss = -(1/N) sum_n log p[n, targets[n]]
+         = (1/N) sum_n (logsumexp(logits[n]) - logits[n, targets[n]])
+
+Backward:
+    dlogits = (p - onehot(targets)) / N * dloss
+"""
+
+from .backend import array_module
+
+
+def cross_entropy_forward(logits, targets):
+    xp = array_module(logits)
+    N = logits.shape[0]
+    z = logits - logits.max(axis=-1, keepdims=True)            # (N, V) shift for stability
+    ez = xp.exp(z)
+    sumexp = ez.sum(axis=-1, keepdims=True)                    # (N, 1)
+    rows = xp.arange(N)
+    loss = (xp.log(sumexp[:, 0]) - z[rows, targets]).mean()    # 0-d
+    p = ez / sumexp                                            # (N, V)
+    return loss, (p, targets)
+
+
+def cross_entropy_backward(dloss, cache):
+    p, targets = cache
+    xp = array_module(p)
+    N = p.shape[0]
+    dlogits = p.copy()
+    dlogits[xp.arange(N), targets] -= 1
+    dlogits *= dloss / N
+    return dlogits

@@ -1,0 +1,279 @@
+"""The Q-Sparse GPT: a LLaMA-style decoder whose every projection input is sparsified.
+
+    x = wte[idx]                                                  (B, T, C)
+    for each of the L blocks:
+        h = RMSNorm(x)
+        q, k, v = sparsify(h) @ Wq^T, Wk^T, Wv^T                  site "qkv"      (B, T, C) each
+        q, k = RoPE(q), RoPE(k)                                   per head        (B, H, T, hs)
+        a = Attention(q, k, v)                                                    (B, T, C)
+        x = x + sparsify(a) @ Wo^T                                site "o"
+        h = RMSNorm(x)
+        u, g = sparsify(h) @ Wup^T, Wgate^T                       site "up_gate"  (B, T, Hd) each
+        m = u * ReLU2(g)            (or u * SiLU(g))              Eq. 11          (B, T, Hd)
+        x = x + sparsify(m) @ Wdown^T                             site "down"
+    logits = RMSNorm(x) @ lm_head^T                               dense head      (B, T, V)
+    loss = cross_entropy(logits, targets)
+
+Only the four projection inputs are sparsified (QSPARSE.md Sec. 1); the embedding, the
+residual stream and the LM head stay dense. Parameters live in a dict with readable
+names; `forward` returns the loss and the caches, `backward` returns a dict of
+gradients with the same keys. The residual stream is the one place a tensor feeds two
+paths, and its gradients are summed with a visible `+=`.
+
+N counts the projection weights (embedding, head and norm gains left out, as in the
+paper); N_a counts the weights a token actually multiplies: for each projection, the
+kept inputs times its outputs.
+"""
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+from . import backend
+from .attention import attention_backward, attention_forward
+from .embedding import embedding_backward, embedding_forward
+from .errors import UsageError
+from .linear import SparseSpec, sparse_linear_backward, sparse_linear_forward
+from .loss import cross_entropy_backward, cross_entropy_forward
+from .nm import check_nm
+from .norm import rmsnorm_backward, rmsnorm_forward
+from .relu2 import relu2glu_backward, relu2glu_forward
+from .rope import rope_backward, rope_forward
+from .swiglu import swiglu_backward, swiglu_forward
+from .topk import kept_count
+
+SITES = ("qkv", "o", "up_gate", "down")
+ACTIVATIONS = {"relu2": (relu2glu_forward, relu2glu_backward),
+               "swiglu": (swiglu_forward, swiglu_backward)}
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 65
+    block_size: int = 64          # longest context, in tokens
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    n_hidden: int = 0             # FFN width Hd; 0 = 8/3 * n_embd rounded up to a multiple of 32
+    activation: str = "relu2"     # "relu2" (Eq. 11, from scratch) or "swiglu" (continue-training)
+    sparsity: float = 0.5         # fraction of each projection input zeroed by top-K; 0 = dense
+    nm: tuple = None              # (keep, block): Block Q-Sparse instead of top-K over all channels
+    ste: bool = True              # straight-through gradient (Eq. 13); False = masked (Eq. 12)
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.nm is not None:
+            self.nm = tuple(self.nm)
+        if self.n_hidden == 0:
+            self.n_hidden = 32 * math.ceil(8 * self.n_embd / 3 / 32)
+        self.validate()
+
+    def validate(self):
+        """Raise UsageError, in one sentence, for a configuration that cannot be built."""
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_hidden"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise UsageError(f"{name}={v!r} is not allowed: it must be a whole number >= 1.")
+        if self.n_embd % self.n_head != 0:
+            raise UsageError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
+                             "each head needs n_embd / n_head channels.")
+        if (self.n_embd // self.n_head) % 2 != 0:
+            raise UsageError(f"head size n_embd / n_head = {self.n_embd // self.n_head} is odd: "
+                             "rotary embeddings rotate pairs of channels, so it must be even.")
+        if self.activation not in ACTIVATIONS:
+            raise UsageError(f"activation {self.activation!r} is not known: use 'relu2' or 'swiglu'.")
+        kept_count(self.n_embd, self.sparsity)          # raises for a sparsity outside [0, 1)
+        if self.nm is not None:
+            if len(self.nm) != 2:
+                raise UsageError(f"N:M sparsity {self.nm!r} is not allowed: give (keep, block), e.g. 16:32.")
+            check_nm(self.nm[0], self.nm[1], self.n_embd)
+            check_nm(self.nm[0], self.nm[1], self.n_hidden)
+        if not (isinstance(self.rope_base, (int, float)) and self.rope_base > 0):
+            raise UsageError(f"rope_base={self.rope_base!r} is not allowed: it must be > 0.")
+        if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
+            raise UsageError(f"norm_eps={self.norm_eps!r} is not allowed: it must be > 0.")
+
+    @property
+    def spec(self):
+        return SparseSpec(self.sparsity, self.nm, self.ste)
+
+    @property
+    def overall_sparsity(self):
+        """The nominal fraction of inputs zeroed at every site (top-K or N:M)."""
+        return 1.0 - self.nm[0] / self.nm[1] if self.nm is not None else self.sparsity
+
+    def to_dict(self):
+        d = asdict(self)
+        d["nm"] = list(self.nm) if self.nm is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise UsageError(f"config keys {sorted(unknown)} are not known: allowed are {sorted(known)}.")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------
+# parameters
+
+
+def param_shapes(cfg):
+    """Every parameter's name and shape, in a fixed order."""
+    C, Hd, V = cfg.n_embd, cfg.n_hidden, cfg.vocab_size
+    shapes = {"wte": (V, C)}
+    for l in range(cfg.n_layer):
+        p = f"h.{l}."
+        shapes.update({p + "attn_norm": (C,), p + "attn.wq": (C, C), p + "attn.wk": (C, C),
+                       p + "attn.wv": (C, C), p + "attn.wo": (C, C), p + "ffn_norm": (C,),
+                       p + "ffn.w_up": (Hd, C), p + "ffn.w_gate": (Hd, C), p + "ffn.w_down": (C, Hd)})
+    shapes.update({"norm_f": (C,), "lm_head": (V, C)})
+    return shapes
+
+
+def init_params(cfg, seed=0, dtype=np.float32):
+    """Normal(0, 0.02) weights, the residual outputs (wo, w_down) scaled by 1/sqrt(2L) as in GPT-2,
+    norm gains 1. Made with NumPy from `seed`, then put on the chosen device."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in param_shapes(cfg).items():
+        if name.endswith("norm") or name == "norm_f":
+            w = np.ones(shape)
+        else:
+            std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith(("wo", "w_down")) else 0.02
+            w = rng.normal(0.0, std, size=shape)
+        params[name] = backend.asarray(w, dtype=dtype)
+    return params
+
+
+def is_norm(name):
+    """Norm gains get no weight decay."""
+    return name.endswith("norm") or name == "norm_f"
+
+
+def count_params(cfg):
+    """N: the projection weights of the blocks (embedding, head and norms left out, as the paper does)."""
+    C, Hd = cfg.n_embd, cfg.n_hidden
+    return cfg.n_layer * (4 * C * C + 3 * C * Hd)
+
+
+def activated_params(cfg, measured=None):
+    """N_a per token: for every projection, (inputs that reach it) x (its outputs).
+
+    Without `measured`, the nominal count from K (top-K) or keep/block (N:M). With
+    `measured` (from `measured_sparsity`), the measured nonzero fraction at each site,
+    which also counts ReLU2's natural zeros at the down projection."""
+    C, Hd = cfg.n_embd, cfg.n_hidden
+    outs = {"qkv": (C, 3 * C), "o": (C, C), "up_gate": (C, 2 * Hd), "down": (Hd, C)}
+    total = 0.0
+    for l in range(cfg.n_layer):
+        for site, (D, O) in outs.items():
+            if measured is not None:
+                kept = (1.0 - measured[l][site]) * D
+            elif cfg.nm is not None:
+                kept = D * cfg.nm[0] // cfg.nm[1]
+            else:
+                kept = kept_count(D, cfg.sparsity)
+            total += kept * O
+    return int(round(total))
+
+
+# ----------------------------------------------------------------------------------------
+# forward and backward
+
+
+def forward(params, cfg, idx, targets=None):
+    """idx (B, T) ints -> (logits (B, T, V), loss or None, cache for backward)."""
+    B, T = idx.shape
+    if T > cfg.block_size:
+        raise UsageError(f"sequence length {T} is longer than block_size={cfg.block_size}.")
+    C, H = cfg.n_embd, cfg.n_head
+    hs = C // H
+    spec = cfg.spec
+    act_forward = ACTIVATIONS[cfg.activation][0]
+    caches = {}
+
+    x, caches["wte"] = embedding_forward(idx, params["wte"])            # (B, T, C)
+    for l in range(cfg.n_layer):
+        p = f"h.{l}."
+        c = caches[l] = {}
+        # attention
+        h, c["attn_norm"] = rmsnorm_forward(x, params[p + "attn_norm"], cfg.norm_eps)
+        (q, k, v), c["qkv"] = sparse_linear_forward(
+            h, [params[p + "attn.wq"], params[p + "attn.wk"], params[p + "attn.wv"]], spec)
+        q = q.reshape(B, T, H, hs).transpose(0, 2, 1, 3)                 # (B, H, T, hs)
+        k = k.reshape(B, T, H, hs).transpose(0, 2, 1, 3)
+        v = v.reshape(B, T, H, hs).transpose(0, 2, 1, 3)
+        q, c["rope_q"] = rope_forward(q, cfg.rope_base)
+        k, c["rope_k"] = rope_forward(k, cfg.rope_base)
+        a, c["attn"] = attention_forward(q, k, v)                        # (B, H, T, hs)
+        a = a.transpose(0, 2, 1, 3).reshape(B, T, C)                     # (B, T, C)
+        (o,), c["o"] = sparse_linear_forward(a, [params[p + "attn.wo"]], spec)
+        x = x + o
+        # feed-forward
+        h, c["ffn_norm"] = rmsnorm_forward(x, params[p + "ffn_norm"], cfg.norm_eps)
+        (u, g), c["up_gate"] = sparse_linear_forward(
+            h, [params[p + "ffn.w_up"], params[p + "ffn.w_gate"]], spec)   # (B, T, Hd)
+        m, c["act"] = act_forward(u, g)                                    # (B, T, Hd)
+        (f,), c["down"] = sparse_linear_forward(m, [params[p + "ffn.w_down"]], spec)
+        x = x + f
+    h, caches["norm_f"] = rmsnorm_forward(x, params["norm_f"], cfg.norm_eps)
+    logits = h @ params["lm_head"].T                                     # (B, T, V)
+    caches["head_in"] = h
+    caches["shape"] = (B, T)
+    loss = None
+    if targets is not None:
+        loss, caches["loss"] = cross_entropy_forward(logits.reshape(B * T, -1), targets.reshape(-1))
+    return logits, loss, caches
+
+
+def backward(params, cfg, caches, dloss=1.0):
+    """Gradients of the loss for every parameter, a dict with the keys of `params`."""
+    B, T = caches["shape"]
+    C, H = cfg.n_embd, cfg.n_head
+    hs = C // H
+    act_backward = ACTIVATIONS[cfg.activation][1]
+    grads = {}
+
+    dlogits = cross_entropy_backward(dloss, caches["loss"]).reshape(B, T, -1)    # (B, T, V)
+    h = caches["head_in"]
+    grads["lm_head"] = dlogits.reshape(B * T, -1).T @ h.reshape(B * T, C)        # logits = h W^T
+    dh = dlogits @ params["lm_head"]                                              # (B, T, C)
+    dx, grads["norm_f"] = rmsnorm_backward(dh, caches["norm_f"])
+    for l in reversed(range(cfg.n_layer)):
+        p = f"h.{l}."
+        c = caches[l]
+        # feed-forward: x = x + sparsify(m) Wdown^T
+        dm, (grads[p + "ffn.w_down"],) = sparse_linear_backward([dx], c["down"])
+        du, dg = act_backward(dm, c["act"])
+        dh, (grads[p + "ffn.w_up"], grads[p + "ffn.w_gate"]) = sparse_linear_backward([du, dg], c["up_gate"])
+        dh, grads[p + "ffn_norm"] = rmsnorm_backward(dh, c["ffn_norm"])
+        dx += dh                                                  # the residual: x feeds both paths
+        # attention: x = x + sparsify(a) Wo^T
+        da, (grads[p + "attn.wo"],) = sparse_linear_backward([dx], c["o"])
+        da = da.reshape(B, T, H, hs).transpose(0, 2, 1, 3)                       # (B, H, T, hs)
+        dq, dk, dv = attention_backward(da, c["attn"])
+        dq = rope_backward(dq, c["rope_q"])
+        dk = rope_backward(dk, c["rope_k"])
+        dq, dk, dv = (d.transpose(0, 2, 1, 3).reshape(B, T, C) for d in (dq, dk, dv))
+        dh, (grads[p + "attn.wq"], grads[p + "attn.wk"], grads[p + "attn.wv"]) = \
+            sparse_linear_backward([dq, dk, dv], c["qkv"])
+        dh, grads[p + "attn_norm"] = rmsnorm_backward(dh, c["attn_norm"])
+        dx += dh                                                  # the residual again
+    grads["wte"] = embedding_backward(dx, caches["wte"])
+    return grads
+
+
+def measured_sparsity(cfg, caches):
+    """{layer: {site: fraction of zeros that reached that projection}} from a forward's caches."""
+    return {l: {site: float(caches[l][site][4]) for site in SITES} for l in range(cfg.n_layer)}
+
+
+def mean_sparsity(cfg, caches):
+    """{site: fraction of zeros averaged over layers}: the paper's Table 2 row."""
+    per_layer = measured_sparsity(cfg, caches)
+    return {site: sum(per_layer[l][site] for l in per_layer) / cfg.n_layer for site in SITES}

@@ -1,0 +1,59 @@
+"""Sampling text from the model: temperature, top-k filtering, and the decode loop.
+
+    p = softmax(logits / temperature)            logits: (B, V)
+    top_k: logits outside the k largest are set to -inf before the softmax
+    temperature 0: greedy, argmax(logits)
+
+The loop prefills the prompt into the key/value cache, then feeds one token at a time
+(decode.py). When the context reaches block_size, the cache is rebuilt from the last
+block_size // 2 tokens (a sliding window), so generation can run past block_size.
+"""
+
+import numpy as np
+
+from .backend import array_module, to_numpy
+from .decode import SparsityMeter, decode_forward, new_cache
+from .errors import UsageError
+
+
+def sample_next(logits, temperature, top_k, rng):
+    """logits (B, V) on the host -> next token ids (B,) int64, drawn with the NumPy Generator rng."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if temperature == 0:
+        return logits.argmax(axis=-1)
+    z = logits / temperature
+    if top_k is not None and 0 < top_k < z.shape[-1]:
+        kth = np.partition(z, -top_k, axis=-1)[:, -top_k:-top_k + 1]          # (B, 1)
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    u = rng.random((p.shape[0], 1))
+    # inverse-CDF draw; the min guards against a cumulative sum that ends a hair below u
+    return np.minimum((np.cumsum(p, axis=-1) < u).sum(axis=-1), p.shape[-1] - 1)
+
+
+def generate(params, cfg, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, rng=None,
+             spec=None, meter=None):
+    """prompt_ids (B, T0) ints -> (B, T0 + max_new_tokens) ints, as a NumPy array."""
+    if temperature < 0:
+        raise UsageError(f"temperature {temperature!r} is not allowed: it must be >= 0 (0 = greedy).")
+    if max_new_tokens < 0:
+        raise UsageError(f"max_new_tokens {max_new_tokens!r} is not allowed: it must be >= 0.")
+    rng = np.random.default_rng(0) if rng is None else rng
+    meter = SparsityMeter() if meter is None else meter
+    out = np.asarray(prompt_ids, dtype=np.int64)
+    if out.shape[1] == 0:
+        raise UsageError("the prompt is empty: give at least one token of text.")
+    xp = array_module(params["wte"])
+    kv = None
+    for _ in range(max_new_tokens):
+        if kv is None or kv.length == cfg.block_size:
+            # (re)fill the cache with the most recent context
+            keep = cfg.block_size if kv is None else cfg.block_size // 2
+            kv = new_cache(params, cfg, out.shape[0])
+            logits = decode_forward(params, cfg, xp.asarray(out[:, -keep:]), kv, spec, meter)
+        else:
+            logits = decode_forward(params, cfg, xp.asarray(out[:, -1:]), kv, spec, meter)
+        nxt = sample_next(to_numpy(logits[:, -1, :]), temperature, top_k, rng)
+        out = np.concatenate([out, nxt[:, None]], axis=1)
+    return out

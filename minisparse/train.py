@@ -1,0 +1,299 @@
+"""The training loop behind train_tiny.py: data, model, AdamW, evaluation, checkpoints, resume.
+
+One step at iteration `it`:
+    x, y = get_batch(train, rng)                      (B, T) tokens and their next tokens
+    loss, caches = model.forward(params, x, y)
+    grads = model.backward(caches)
+    clip_grad_norm(grads, grad_clip)
+    AdamW.step(params, grads, lr_at(it))              warmup, then cosine to min_lr
+
+Every eval_interval steps (and at the end) the loss is estimated on eval_iters batches
+of each split and a checkpoint is written (checkpoint.py). Evaluation batches come from
+a generator seeded by (seed, it), so they depend on nothing but the iteration: a run
+stopped and resumed (--resume) ends with exactly the losses of one that never stopped.
+Ctrl-C finishes the current step, saves, and stops. A non-finite loss stops training
+and keeps the last good checkpoint.
+
+metrics.jsonl in out_dir gets one JSON object a line: a training line per step
+{"iter", "train_loss", "lr", "tokens_per_s", "grad_norm", "sparsity": {site: zeros}}, and an
+evaluation line {"iter", "eval": true, "train_loss", "val_loss", "sparsity"} every eval_interval.
+"""
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+from . import backend, model
+from .checkpoint import check_params, load_checkpoint, save_checkpoint
+from .data import check_split_lengths, get_batch, load_text, split_ids, tokenizer_from_dict, train_tokenizer
+from .errors import UsageError
+from .optimizer import AdamW, clip_grad_norm
+from .schedule import lr_at
+
+# the fields of GPTConfig that define the architecture: fixed by the weights when continuing
+ARCH_FIELDS = ("n_layer", "n_head", "n_embd", "n_hidden", "block_size", "activation")
+
+
+@dataclass
+class TrainConfig:
+    """Every flag of train_tiny.py, one to one. The defaults train a good tiny model in ~5 minutes."""
+    out_dir: str = "out-tiny"        # where checkpoints and metrics.jsonl go
+    data: str = "pydoc"              # 'pydoc' (built in), 'shakespeare' (downloaded once) or a text file
+    tokenizer: str = "char"          # 'char' or 'bpe'
+    vocab_size: int = 512            # for bpe only
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    n_hidden: int = 0                # FFN width; 0 = 8/3 n_embd rounded up to a multiple of 32
+    block_size: int = 64
+    activation: str = "relu2"        # 'relu2' (ReLU2-GLU, Eq. 11) or 'swiglu'
+    sparsity: float = 0.5            # fraction of each projection input zeroed by top-K; 0 = dense
+    nm: str = ""                     # 'KEEP:BLOCK' for Block Q-Sparse, e.g. '16:32'; '' = off
+    no_ste: bool = False             # masked gradient instead of the straight-through estimator
+    batch_size: int = 12
+    max_iters: int = 3000
+    learning_rate: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_iters: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0           # 0 = no clipping
+    eval_interval: int = 250
+    eval_iters: int = 20
+    seed: int = 1337
+    device: str = "cpu"              # 'cpu' (NumPy) or 'gpu' (CuPy)
+    init_from: str = ""              # continue-training: the out_dir of another run
+    resume: bool = False             # continue this out_dir's run where it stopped
+
+    def validate(self):
+        for name in ("batch_size", "max_iters", "eval_interval", "eval_iters"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise UsageError(f"--{name} {v!r} is not allowed: it must be a whole number >= 1.")
+        if not isinstance(self.warmup_iters, int) or self.warmup_iters < 0:
+            raise UsageError(f"--warmup_iters {self.warmup_iters!r} is not allowed: it must be >= 0.")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise UsageError(f"--learning_rate {self.learning_rate!r} is not allowed: it must be a finite number > 0.")
+        for name in ("min_lr", "weight_decay", "grad_clip"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise UsageError(f"--{name} {v!r} is not allowed: it must be a finite number >= 0.")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            if not (0 <= v < 1):
+                raise UsageError(f"--{name} {v!r} is not allowed: it must be in [0, 1).")
+        if self.device not in ("cpu", "gpu"):
+            raise UsageError(f"--device {self.device!r} is not known: use 'cpu' or 'gpu'.")
+        if self.resume and self.init_from:
+            raise UsageError("--resume and --init_from cannot be used together: resume continues this "
+                             "out_dir's run, init_from starts a new run from another's weights.")
+        self.nm_tuple()
+
+    def nm_tuple(self):
+        """'16:32' -> (16, 32); '' -> None."""
+        if not self.nm:
+            return None
+        try:
+            keep, block = (int(s) for s in self.nm.split(":"))
+        except ValueError:
+            raise UsageError(f"--nm {self.nm!r} is not allowed: write KEEP:BLOCK with whole numbers, "
+                             "e.g. 16:32 keeps 16 of every 32 channels.") from None
+        return keep, block
+
+    def model_config(self, vocab_size):
+        return model.GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,
+                               n_head=self.n_head, n_embd=self.n_embd, n_hidden=self.n_hidden,
+                               activation=self.activation, sparsity=self.sparsity, nm=self.nm_tuple(),
+                               ste=not self.no_ste)
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def ckpt_path(out_dir):
+    return os.path.join(out_dir, "ckpt.npz")
+
+
+def load_run(out_dir):
+    """Params (on the device), GPTConfig, tokenizer and meta of a saved run."""
+    path = ckpt_path(out_dir)
+    params, opt_state, meta = load_checkpoint(path)
+    try:
+        cfg = model.GPTConfig.from_dict(meta["model"])
+        tok = tokenizer_from_dict(meta["tokenizer"])
+    except (KeyError, TypeError) as e:
+        raise UsageError(f"checkpoint {path!r} is corrupt: its metadata lacks {e}.") from None
+    check_params(params, model.param_shapes(cfg), path)
+    params = {k: backend.asarray(v, dtype=np.float32) for k, v in params.items()}
+    return params, opt_state, cfg, tok, meta
+
+
+def estimate_loss(params, cfg, data, tc, it):
+    """Mean loss over eval_iters batches of each split, drawn from a generator seeded by (seed, it)."""
+    out = {}
+    for split, ids in data.items():
+        rng = np.random.default_rng([tc.seed, it, 0 if split == "train" else 1])
+        losses = []
+        for _ in range(tc.eval_iters):
+            x, y = get_batch(ids, cfg.block_size, tc.batch_size, rng)
+            _, loss, _ = model.forward(params, cfg, backend.asarray(x), backend.asarray(y))
+            losses.append(float(loss))
+        out[split] = sum(losses) / len(losses)
+    return out
+
+
+def _read_metrics(path, before_iter):
+    """The lines of metrics.jsonl for iterations before `before_iter` (what a resume keeps)."""
+    if not os.path.exists(path):
+        return []
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["iter"] < before_iter:
+                    kept.append(line)
+            except (ValueError, KeyError):
+                break                       # a torn last line from a kill: drop it and what follows
+    return kept
+
+
+def train(tc, given=(), progress=True, log=print):
+    """Run training as `tc` says. `given` names the flags the user set (for --resume/--init_from checks).
+    Returns a summary dict: final losses, time, measured sparsity, N and N_a."""
+    tc.validate()
+    backend.set_device(tc.device)
+    os.makedirs(tc.out_dir, exist_ok=True)
+    path = ckpt_path(tc.out_dir)
+    metrics_path = os.path.join(tc.out_dir, "metrics.jsonl")
+
+    opt_state, start_iter, rng_state = None, 0, None
+    if tc.resume:
+        params, opt_state, cfg, tok, meta = load_run(tc.out_dir)
+        saved = TrainConfig(**meta["train"])
+        for name in given:
+            if name not in ("resume", "out_dir", "device", "max_iters") and getattr(tc, name) != getattr(saved, name):
+                raise UsageError(f"--{name} {getattr(tc, name)!r} differs from the run being resumed "
+                                 f"({getattr(saved, name)!r}): --resume continues a run as it was configured.")
+        saved.max_iters, saved.device, saved.resume, saved.out_dir = tc.max_iters, tc.device, True, tc.out_dir
+        tc = saved
+        start_iter, rng_state = meta["iter"], meta["rng"]
+    elif tc.init_from:
+        params, _, src_cfg, tok, _ = load_run(tc.init_from)
+        for name in ARCH_FIELDS:          # the architecture comes with the weights
+            if name in given and getattr(tc, name) != getattr(src_cfg, name):
+                raise UsageError(f"--{name} {getattr(tc, name)!r} does not match the weights in "
+                                 f"{tc.init_from!r} ({getattr(src_cfg, name)!r}): drop the flag to use theirs.")
+            setattr(tc, name, getattr(src_cfg, name))
+        tc.tokenizer = tok.kind
+    text = load_text(tc.data)
+    if not (tc.resume or tc.init_from):
+        tok = train_tokenizer(text, tc.tokenizer, tc.vocab_size)
+    train_ids, val_ids = split_ids(tok.encode(text))
+    check_split_lengths(train_ids, val_ids, tc.block_size)
+    data = {"train": train_ids, "val": val_ids}
+    cfg = tc.model_config(tok.vocab_size)
+    if not (tc.resume or tc.init_from):
+        params = model.init_params(cfg, seed=tc.seed)
+
+    opt = AdamW(params, tc.learning_rate, (tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    rng = np.random.default_rng(tc.seed)
+    if rng_state is not None:
+        rng.bit_generator.state = rng_state
+
+    kept = _read_metrics(metrics_path, start_iter) if tc.resume else []
+    metrics = open(metrics_path, "w")
+    metrics.writelines(kept)
+
+    def save(next_iter):
+        metrics.flush()
+        meta = {"model": cfg.to_dict(), "train": asdict(tc), "iter": next_iter,
+                "rng": rng.bit_generator.state, "tokenizer": tok.to_dict()}
+        save_checkpoint(path, params, meta, opt.state_dict())
+        return next_iter
+
+    # Ctrl-C asks to stop; the step in flight finishes so the saved state is whole
+    stop = {"asked": False}
+    old_handler = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum, frame):
+        if stop["asked"]:                 # a second Ctrl-C: stop at once
+            signal.signal(signal.SIGINT, old_handler)
+            raise KeyboardInterrupt
+        stop["asked"] = True
+    signal.signal(signal.SIGINT, on_sigint)
+
+    N, N_a = model.count_params(cfg), model.activated_params(cfg)
+    log(f"model: {cfg.n_layer} layers, {cfg.n_embd} channels, vocab {cfg.vocab_size} ({tok.kind}); "
+        f"N = {N:,} projection weights, N_a = {N_a:,} per token at sparsity {cfg.overall_sparsity:.2f}; "
+        f"train {len(train_ids):,} tokens, val {len(val_ids):,}")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=tc.max_iters, initial=start_iter, desc="train", dynamic_ncols=True)
+    last_saved, last = start_iter, {}
+    tok_per_s, stopped = None, False
+    tokens_per_step = tc.batch_size * cfg.block_size
+    t_start = time.perf_counter()
+    try:
+        for it in range(start_iter, tc.max_iters + 1):
+            if it % tc.eval_interval == 0 or it == tc.max_iters:
+                losses = estimate_loss(params, cfg, data, tc, it)
+                last.update(val_loss=losses["val"], eval_train_loss=losses["train"])
+                metrics.write(json.dumps({"iter": it, "eval": True, "train_loss": losses["train"],
+                                          "val_loss": losses["val"], "sparsity": last.get("sparsity")}) + "\n")
+                msg = f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                (bar.write if bar else log)(msg)
+                last_saved = save(it)
+            if it == tc.max_iters:
+                break
+            t0 = time.perf_counter()
+            x, y = get_batch(train_ids, cfg.block_size, tc.batch_size, rng)
+            _, loss, caches = model.forward(params, cfg, backend.asarray(x), backend.asarray(y))
+            loss = float(loss)
+            if not math.isfinite(loss):
+                raise TrainingDiverged(
+                    f"the training loss became {loss} at iter {it}: stopping; the last good checkpoint "
+                    f"(iter {last_saved}) is kept in {path}. Try a lower --learning_rate or --grad_clip 1.")
+            grads = model.backward(params, cfg, caches)
+            norm = clip_grad_norm(grads, tc.grad_clip)
+            lr = lr_at(it, tc.learning_rate, tc.min_lr, tc.warmup_iters, tc.max_iters)
+            opt.step(params, grads, lr)
+            sparsity = model.mean_sparsity(cfg, caches)
+            dt = time.perf_counter() - t0
+            tok_per_s = tokens_per_step / dt if tok_per_s is None else 0.9 * tok_per_s + 0.1 * tokens_per_step / dt
+            last.update(train_loss=loss, sparsity=sparsity)
+            metrics.write(json.dumps({"iter": it, "train_loss": loss, "lr": lr, "tokens_per_s": tokens_per_step / dt,
+                                      "grad_norm": norm, "sparsity": sparsity}) + "\n")
+            if bar:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_per_s:,.0f}",
+                                sparsity=f"{sum(sparsity.values()) / len(sparsity):.2f}")
+            if stop["asked"]:
+                last_saved = save(it + 1)
+                stopped = True
+                (bar.write if bar else log)(f"interrupted: saved the run at iter {it + 1} to {path}; "
+                                            "continue it with --resume.")
+                break
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
+        if bar:
+            bar.close()
+        metrics.close()
+    measured = model.activated_params(cfg, _per_layer(cfg, caches)) if tc.max_iters > start_iter else None
+    return {"iters": last_saved, "interrupted": stopped, "seconds": time.perf_counter() - t_start,
+            "val_loss": last.get("val_loss"), "train_loss": last.get("eval_train_loss"),
+            "sparsity": last.get("sparsity"), "N": N, "N_a": N_a, "N_a_measured": measured,
+            "checkpoint": path}
+
+
+def _per_layer(cfg, caches):
+    return model.measured_sparsity(cfg, caches)

@@ -1,0 +1,29 @@
+"""Helpers for the gradient tests: centred finite differences in float64.
+
+rel_error(a, b) = max|a - b| / max(max|a|, max|b|): one number per tensor, so a tiny
+entry next to large ones does not dominate, and a wrong sign or factor anywhere shows.
+"""
+
+import numpy as np
+
+
+def rel_error(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    scale = max(np.abs(a).max(initial=0.0), np.abs(b).max(initial=0.0), 1e-300)
+    return float(np.abs(a - b).max(initial=0.0) / scale)
+
+
+def numerical_grad(f, x, h=1e-6):
+    """d f / d x for a scalar function f() of the array x (changed in place and restored)."""
+    grad = np.zeros_like(x)
+    it = np.nditer(x, flags=["multi_index"])
+    for _ in it:
+        i = it.multi_index
+        old = x[i]
+        x[i] = old + h
+        fp = f()
+        x[i] = old - h
+        fm = f()
+        x[i] = old
+        grad[i] = (fp - fm) / (2 * h)
+    return grad

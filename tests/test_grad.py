@@ -1,0 +1,126 @@
+"""Every smooth backward against centred finite differences in float64, with a random upstream
+gradient (never all ones): the loss is sum(out * G) for a fixed random G. Relative error
+max|a - b| / max(|a|, |b|) must be <= 1e-6."""
+
+import numpy as np
+import pytest
+
+from conftest import record
+from gradcheck import numerical_grad, rel_error
+from minisparse import model
+from minisparse.attention import attention_backward, attention_forward
+from minisparse.embedding import embedding_backward, embedding_forward
+from minisparse.linear import SparseSpec, sparse_linear_backward, sparse_linear_forward
+from minisparse.loss import cross_entropy_backward, cross_entropy_forward
+from minisparse.norm import rmsnorm_backward, rmsnorm_forward
+from minisparse.relu2 import relu2glu_backward, relu2glu_forward
+from minisparse.rope import rope_backward, rope_forward
+from minisparse.swiglu import swiglu_backward, swiglu_forward
+
+TOL = 1e-6
+
+
+def check(name, forward, backward, inputs, seed=0):
+    """forward(*inputs) -> (out or tuple of outs, cache); backward(douts, cache) -> grads of inputs."""
+    rng = np.random.default_rng(seed)
+    outs, cache = forward(*inputs)
+    single = not isinstance(outs, (tuple, list))
+    outs = [outs] if single else list(outs)
+    G = [rng.standard_normal(o.shape) for o in outs]           # random upstream gradients
+
+    def f():
+        o, _ = forward(*inputs)
+        o = [o] if single else list(o)
+        return sum(float((a * g).sum()) for a, g in zip(o, G))
+
+    grads = backward(G[0] if single else G, cache)
+    grads = grads if isinstance(grads, (tuple, list)) else (grads,)
+    again = backward(G[0] if single else G, cache)                # backward twice: same answer
+    again = again if isinstance(again, (tuple, list)) else (again,)
+    for a, b in zip(grads, again):
+        assert np.array_equal(a, b)
+    for i, (x, dx) in enumerate(zip(inputs, grads)):
+        err = rel_error(dx, numerical_grad(f, x))
+        record(f"{name} input {i}", err)
+        assert err <= TOL, f"{name}: input {i} relative error {err:.2e}"
+
+
+def test_rmsnorm():
+    rng = np.random.default_rng(1)
+    x, g = rng.standard_normal((2, 3, 8)), rng.standard_normal(8)
+    check("rmsnorm", lambda x, g: rmsnorm_forward(x, g, 1e-5), rmsnorm_backward, [x, g])
+
+
+def test_rope():
+    x = np.random.default_rng(2).standard_normal((2, 2, 5, 8))
+    check("rope", lambda x: rope_forward(x, 10000.0), lambda d, c: rope_backward(d, c), [x])
+    check("rope offset", lambda x: rope_forward(x, 500.0, offset=7), lambda d, c: rope_backward(d, c), [x])
+
+
+@pytest.mark.parametrize("Tq,Tk", [(6, 6), (1, 6), (3, 6)])
+def test_attention(Tq, Tk):
+    rng = np.random.default_rng(3)
+    q, k, v = rng.standard_normal((2, 2, Tq, 4)), rng.standard_normal((2, 2, Tk, 4)), rng.standard_normal((2, 2, Tk, 4))
+    check(f"attention Tq={Tq} Tk={Tk}", attention_forward, attention_backward, [q, k, v])
+
+
+def test_relu2glu():
+    rng = np.random.default_rng(4)
+    u = rng.standard_normal((2, 3, 10))
+    g = rng.standard_normal((2, 3, 10))
+    g[np.abs(g) < 1e-3] = 0.5                                    # keep away from the kink at 0
+    check("relu2glu", relu2glu_forward, relu2glu_backward, [u, g])
+
+
+def test_swiglu():
+    rng = np.random.default_rng(5)
+    check("swiglu", swiglu_forward, swiglu_backward, [rng.standard_normal((2, 3, 10)), rng.standard_normal((2, 3, 10))])
+
+
+def test_projection_at_sparsity_0():
+    rng = np.random.default_rng(6)
+    x, W1, W2 = rng.standard_normal((2, 3, 6)), rng.standard_normal((5, 6)), rng.standard_normal((4, 6))
+
+    def fwd(x, W1, W2):
+        return sparse_linear_forward(x, [W1, W2], SparseSpec(0.0))
+
+    def bwd(dys, cache):
+        dx, (dW1, dW2) = sparse_linear_backward(dys, cache)
+        return dx, dW1, dW2
+    check("projection S=0", fwd, bwd, [x, W1, W2])
+
+
+def test_embedding():
+    rng = np.random.default_rng(7)
+    idx = np.array([[1, 3, 1], [0, 3, 3]])                       # repeated tokens must sum
+    wte = rng.standard_normal((5, 4))
+    check("embedding", lambda w: embedding_forward(idx, w), embedding_backward, [wte])
+
+
+def test_cross_entropy():
+    rng = np.random.default_rng(8)
+    logits, targets = rng.standard_normal((7, 5)), rng.integers(0, 5, 7)
+    check("cross_entropy", lambda z: cross_entropy_forward(z, targets), cross_entropy_backward, [logits])
+
+
+@pytest.mark.parametrize("activation", ["relu2", "swiglu"])
+def test_whole_model_at_sparsity_0(activation):
+    cfg = model.GPTConfig(vocab_size=7, block_size=6, n_layer=2, n_head=2, n_embd=8, n_hidden=12,
+                          activation=activation, sparsity=0.0)
+    params = model.init_params(cfg, seed=1, dtype=np.float64)
+    rng = np.random.default_rng(9)
+    for k in params:                                             # larger than 0.02 so every path matters
+        params[k] = params[k] + 0.3 * rng.standard_normal(params[k].shape)
+    idx, targets = rng.integers(0, 7, (2, 6)), rng.integers(0, 7, (2, 6))
+    dloss = 0.7                                                  # a random-ish upstream, not 1
+
+    def f():
+        return dloss * float(model.forward(params, cfg, idx, targets)[1])
+
+    _, _, caches = model.forward(params, cfg, idx, targets)
+    grads = model.backward(params, cfg, caches, dloss)
+    assert set(grads) == set(params)
+    for name in params:
+        err = rel_error(grads[name], numerical_grad(f, params[name]))
+        record(f"model {activation} S=0", err)
+        assert err <= TOL, f"{name}: relative error {err:.2e}"

@@ -1,0 +1,129 @@
+"""Top-K and N:M masks against an independent top-K (a stable sort), and the straight-through
+estimator by its definition. Finite differences cannot check STE gradients: they are not
+derivatives of the forward, so the test is the equation itself (Eq. 12, 13)."""
+
+import numpy as np
+import pytest
+
+from minisparse.errors import UsageError
+from minisparse.linear import SparseSpec, sparse_linear_backward, sparse_linear_forward, sparsify
+from minisparse.nm import nm_mask
+from minisparse.topk import kept_count, topk_backward, topk_forward, topk_mask
+
+
+def reference_topk_mask(x, k):
+    """Independent top-K: stable sort of -|x| per row, keep the first k (lower index wins ties)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    mask = np.zeros(x2.shape, dtype=bool)
+    order = np.argsort(-np.abs(x2), axis=-1, kind="stable")
+    for r in range(x2.shape[0]):
+        mask[r, order[r, :k]] = True
+    return mask.reshape(x.shape)
+
+
+def row_kinds(rng, N=12, D=24):
+    """Rows that differ; rows of heavy ties; ReLU2 outputs with many exact zeros; identical rows."""
+    yield "distinct", rng.standard_normal((N, D))
+    yield "ties", rng.integers(-2, 3, size=(N, D)).astype(np.float64)
+    g = rng.standard_normal((N, D))
+    yield "relu2_zeros", rng.standard_normal((N, D)) * np.maximum(g, 0) ** 2
+    yield "all_zero", np.zeros((N, D))
+    row = rng.standard_normal(D)
+    yield "identical", np.tile(row, (N, 1))
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, 12, 23, 24])
+def test_topk_mask_equals_independent_topk(k):
+    rng = np.random.default_rng(k)
+    for kind, x in row_kinds(rng):
+        mask = topk_mask(x, k)
+        assert mask.dtype == bool
+        np.testing.assert_array_equal(mask, reference_topk_mask(x, k), err_msg=kind)
+        assert (mask.sum(axis=-1) == k).all(), kind           # never more (or fewer) than K
+
+
+def test_topk_uses_magnitude_not_sign():
+    x = np.array([[-9.0, 1.0, 2.0, -0.5]])
+    np.testing.assert_array_equal(topk_mask(x, 2), [[True, False, True, False]])
+
+
+def test_topk_rows_are_independent():
+    # each row keeps its own entries (not the union of all rows' indices, QSPARSE.md Sec. 8)
+    x = np.array([[5.0, 0.1, 0.2, 0.3], [0.1, 0.2, 0.3, 5.0]])
+    np.testing.assert_array_equal(topk_mask(x, 1), [[1, 0, 0, 0], [0, 0, 0, 1]])
+
+
+def test_topk_ties_break_by_lower_index():
+    x = np.array([[1.0, -1.0, 1.0, 1.0, 0.0]])
+    np.testing.assert_array_equal(topk_mask(x, 2), [[True, True, False, False, False]])
+
+
+def test_topk_batched_3d():
+    rng = np.random.default_rng(1)
+    x = rng.integers(-3, 4, size=(3, 5, 16)).astype(np.float32)
+    np.testing.assert_array_equal(topk_mask(x, 6), reference_topk_mask(x, 6))
+
+
+@pytest.mark.parametrize("D,S,K", [(128, 0.5, 64), (10, 0.3, 7), (10, 0.25, 7), (7, 0.0, 7), (64, 0.99, 1)])
+def test_kept_count(D, S, K):
+    assert kept_count(D, S) == K
+
+
+@pytest.mark.parametrize("S", [1.0, -0.1, 1.5, float("nan"), "0.5"])
+def test_impossible_sparsity_is_a_usage_error(S):
+    with pytest.raises(UsageError, match="sparsity"):
+        kept_count(16, S)
+
+
+def test_ste_backward_is_identity_and_masked_is_upstream_times_mask():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((6, 20))
+    xs, mask = topk_forward(x, 7)
+    np.testing.assert_array_equal(xs, np.where(mask, x, 0.0))
+    dxs = rng.standard_normal(x.shape)
+    assert np.array_equal(topk_backward(dxs, mask, ste=True), dxs)           # Eq. 13
+    assert np.array_equal(topk_backward(dxs, mask, ste=False), dxs * mask)   # Eq. 12
+
+
+@pytest.mark.parametrize("keep,block", [(0, 4), (1, 4), (2, 4), (4, 4), (3, 8), (16, 32)])
+def test_nm_keeps_exactly_keep_per_block(keep, block):
+    rng = np.random.default_rng(keep * 100 + block)
+    D = 64
+    for kind, x in row_kinds(rng, N=5, D=D):
+        mask = nm_mask(x, keep, block)
+        per_block = mask.reshape(5, D // block, block).sum(axis=-1)
+        assert (per_block == keep).all(), kind
+        ref = reference_topk_mask(x.reshape(5, D // block, block), keep).reshape(x.shape)
+        np.testing.assert_array_equal(mask, ref, err_msg=kind)
+
+
+@pytest.mark.parametrize("keep,block,D", [(5, 4, 16), (2, 5, 16), (-1, 4, 16), (2, 0, 16)])
+def test_impossible_nm_is_a_usage_error(keep, block, D):
+    with pytest.raises(UsageError, match="N:M"):
+        nm_mask(np.zeros((2, D)), keep, block)
+
+
+def test_dense_spec_costs_nothing():
+    x = np.ones((2, 3, 8))
+    xs, mask = sparsify(x, SparseSpec(0.0))
+    assert xs is x and mask is None                                     # no copy, no mask
+
+
+@pytest.mark.parametrize("spec", [SparseSpec(0.5), SparseSpec(0.25, ste=False), SparseSpec(0.0, nm=(2, 4)),
+                                  SparseSpec(0.0, nm=(1, 4), ste=False)])
+def test_sparse_linear_backward_by_definition(spec):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 5, 16))
+    W1, W2 = rng.standard_normal((6, 16)), rng.standard_normal((3, 16))
+    (y1, y2), cache = sparse_linear_forward(x, [W1, W2], spec)
+    xs, mask = sparsify(x, spec)
+    np.testing.assert_allclose(y1, xs @ W1.T, rtol=1e-12)
+    np.testing.assert_allclose(y2, xs @ W2.T, rtol=1e-12)
+    assert float(cache[4]) == pytest.approx((xs == 0).mean())         # measured sparsity
+    dy1, dy2 = rng.standard_normal(y1.shape), rng.standard_normal(y2.shape)
+    dx, (dW1, dW2) = sparse_linear_backward([dy1, dy2], cache)
+    dxs = dy1 @ W1 + dy2 @ W2                                         # upstream of the sparsify
+    expected = dxs if spec.ste else dxs * mask
+    np.testing.assert_allclose(dx, expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dW1, dy1.reshape(-1, 6).T @ xs.reshape(-1, 16), rtol=1e-12)
+    np.testing.assert_allclose(dW2, dy2.reshape(-1, 3).T @ xs.reshape(-1, 16), rtol=1e-12)
