@@ -60,6 +60,8 @@ def run(args):
         if args.num_samples > 1:
             print(f"---------- sample {i + 1}")
         print(tok.decode(row.tolist()))
+    if args.max_new_tokens == 0:
+        return                                     # nothing was decoded, so nothing was measured
     measured = meter.mean()
     per_layer = {l: measured for l in range(cfg.n_layer)}
     n_new = args.max_new_tokens * args.num_samples

@@ -47,8 +47,13 @@ def load_checkpoint(path):
         raise UsageError(f"checkpoint {path!r} does not exist: train a model first (python train_tiny.py) "
                          "or give the out_dir of a finished run.")
     try:
-        with np.load(path, allow_pickle=False) as z:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):       # a bare .npy array renamed to .npz
+            raise ValueError("not an .npz archive")
+        with z:
             meta = json.loads(bytes(z["meta.json"]).decode("utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError("meta.json is not a JSON object")
             params, m, v = {}, {}, {}
             for key in z.files:
                 kind, _, name = key.partition("/")

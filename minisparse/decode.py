@@ -8,8 +8,8 @@ The same equations as model.forward, for the Tq new tokens at positions pos .. p
     a = Attention(q, K[:, :, :pos+Tq], V[:, :, :pos+Tq])        query i sees keys <= pos + i
 
 The first call (the prompt, "prefill") passes many tokens; every later call passes one.
-`spec` overrides the trained sparsity: SparseSpec(0.0) is the dense fallback that the
-paper's deployment advice calls for. The zeros that reached each projection are counted,
+`spec` overrides the trained sparsity: SparseSpec(0.0) is the dense fallback, for
+inputs unlike the training data. The zeros that reached each projection are counted,
 so a caller can report the measured sparsity per site.
 """
 

@@ -89,6 +89,9 @@ class GPTConfig:
             if len(self.nm) != 2:
                 raise UsageError(f"N:M sparsity {self.nm!r} is not allowed: give (keep, block), e.g. 16:32.")
             check_nm(self.nm[0], self.nm[1], self.n_embd)
+            if self.nm[0] < 1:
+                raise UsageError(f"N:M sparsity keeps {self.nm[0]} of every {self.nm[1]} channels: "
+                                 "a model must keep at least 1 (0 would zero every projection input).")
             check_nm(self.nm[0], self.nm[1], self.n_hidden)
         if not (isinstance(self.rope_base, (int, float)) and self.rope_base > 0):
             raise UsageError(f"rope_base={self.rope_base!r} is not allowed: it must be > 0.")

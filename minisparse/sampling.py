@@ -35,7 +35,7 @@ def sample_next(logits, temperature, top_k, rng):
 def generate(params, cfg, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, rng=None,
              spec=None, meter=None):
     """prompt_ids (B, T0) ints -> (B, T0 + max_new_tokens) ints, as a NumPy array."""
-    if temperature < 0:
+    if not temperature >= 0:                      # also rejects nan
         raise UsageError(f"temperature {temperature!r} is not allowed: it must be >= 0 (0 = greedy).")
     if max_new_tokens < 0:
         raise UsageError(f"max_new_tokens {max_new_tokens!r} is not allowed: it must be >= 0.")

@@ -176,14 +176,30 @@ def train(tc, given=(), progress=True, log=print):
     opt_state, start_iter, rng_state = None, 0, None
     if tc.resume:
         params, opt_state, cfg, tok, meta = load_run(tc.out_dir)
-        saved = TrainConfig(**meta["train"])
+        try:
+            saved = TrainConfig(**meta["train"])
+            meta["iter"], meta["rng"]
+        except (KeyError, TypeError) as e:
+            raise UsageError(f"checkpoint {path!r} is corrupt: its metadata lacks or garbles {e}.") from None
         for name in given:
             if name not in ("resume", "out_dir", "device", "max_iters") and getattr(tc, name) != getattr(saved, name):
                 raise UsageError(f"--{name} {getattr(tc, name)!r} differs from the run being resumed "
                                  f"({getattr(saved, name)!r}): --resume continues a run as it was configured.")
-        saved.max_iters, saved.device, saved.resume, saved.out_dir = tc.max_iters, tc.device, True, tc.out_dir
+        for name in ("max_iters", "device"):     # the only settings a resume may change
+            if name in given:
+                setattr(saved, name, getattr(tc, name))
+        saved.resume, saved.out_dir = True, tc.out_dir
         tc = saved
         start_iter, rng_state = meta["iter"], meta["rng"]
+        if tc.max_iters < start_iter:
+            raise UsageError(f"--max_iters {tc.max_iters} is below the {start_iter} steps this run has "
+                             "already taken: give a larger --max_iters to continue it.")
+        if opt_state is None:
+            raise UsageError(f"checkpoint {path!r} has no optimizer state, so it cannot be resumed: "
+                             "use --init_from to start a new run from its weights.")
+        shapes = model.param_shapes(cfg)
+        check_params(opt_state["m"], shapes, path)
+        check_params(opt_state["v"], shapes, path)
     elif tc.init_from:
         params, _, src_cfg, tok, _ = load_run(tc.init_from)
         for name in ARCH_FIELDS:          # the architecture comes with the weights
@@ -247,6 +263,11 @@ def train(tc, given=(), progress=True, log=print):
         for it in range(start_iter, tc.max_iters + 1):
             if it % tc.eval_interval == 0 or it == tc.max_iters:
                 losses = estimate_loss(params, cfg, data, tc, it)
+                if not all(math.isfinite(v) for v in losses.values()):
+                    # never overwrite the last good checkpoint with broken weights
+                    raise TrainingDiverged(
+                        f"the evaluation loss became {losses['val']} at iter {it}: stopping; the last good "
+                        f"checkpoint (iter {last_saved}) is kept in {path}. Try a lower --learning_rate.")
                 last.update(val_loss=losses["val"], eval_train_loss=losses["train"])
                 metrics.write(json.dumps({"iter": it, "eval": True, "train_loss": losses["train"],
                                           "val_loss": losses["val"], "sparsity": last.get("sparsity")}) + "\n")
@@ -265,6 +286,10 @@ def train(tc, given=(), progress=True, log=print):
                     f"(iter {last_saved}) is kept in {path}. Try a lower --learning_rate or --grad_clip 1.")
             grads = model.backward(params, cfg, caches)
             norm = clip_grad_norm(grads, tc.grad_clip)
+            if not math.isfinite(norm):
+                raise TrainingDiverged(
+                    f"the gradient norm became {norm} at iter {it}: stopping; the last good checkpoint "
+                    f"(iter {last_saved}) is kept in {path}. Try a lower --learning_rate.")
             lr = lr_at(it, tc.learning_rate, tc.min_lr, tc.warmup_iters, tc.max_iters)
             opt.step(params, grads, lr)
             sparsity = model.mean_sparsity(cfg, caches)
