@@ -1,0 +1,476 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 03 · The sparse projection, forward and backward by hand
+#
+# Q-Sparse changes one thing in a Transformer: before every projection inside a block, the
+# input is sparsified per token, and the projection multiplies only what is left
+# (paper Eq. 2-3):
+#
+# $$Y = (X \odot \mathrm{Mask})\,W^\top, \qquad \mathrm{Mask} = \mathrm{TopK}(|X|).$$
+#
+# In minisparse this is **`minisparse/linear.py`**: `sparsify` makes the mask,
+# `sparse_linear_forward` does the product, `sparse_linear_backward` the gradients. The model
+# calls it at four sites per block (`minisparse/model.py`, `SITES`): `qkv`, `o`, `up_gate`,
+# `down`.
+#
+# This lesson derives the backward pass by hand, writes it in plain NumPy, and checks it
+# three ways: against the package (float64, to rounding), against centred finite
+# differences where the function is smooth (sparsity 0), and, for the straight-through
+# estimator (STE), by its definition, because finite differences *cannot* check an STE.
+# Then it shows what the package reports as measured sparsity and counts the
+# multiply-adds that the zeros save.
+
+# %%
+import sys, os
+sys.path.insert(0, os.path.abspath(".."))
+
+import numpy as np
+import matplotlib.pyplot as plt
+
+from minisparse.linear import SparseSpec, sparsify, sparse_linear_forward, sparse_linear_backward
+from minisparse.topk import kept_count, topk_backward
+from minisparse import model
+
+rng = np.random.default_rng(0)
+
+
+def rel_error(a, b):
+    """max|a - b| / max(max|a|, max|b|): one number per tensor (the tests' measure)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    scale = max(np.abs(a).max(initial=0.0), np.abs(b).max(initial=0.0), 1e-300)
+    return float(np.abs(a - b).max(initial=0.0) / scale)
+
+
+def numerical_grad(f, x, h=1e-6):
+    """Centred finite differences of a scalar f() w.r.t. the array x (changed in place, restored)."""
+    grad = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        old = x[i]
+        x[i] = old + h; fp = f()
+        x[i] = old - h; fm = f()
+        x[i] = old
+        grad[i] = (fp - fm) / (2 * h)
+    return grad
+
+
+# %% [markdown]
+# ## 1. The forward pass and its shapes
+#
+# | array | shape | meaning |
+# |---|---|---|
+# | $X$ | (B, T, C) | projection input: B sequences, T positions, C channels |
+# | $\mathrm{Mask}$ | (B, T, C) | 1 at the K largest $\lvert X\rvert$ of each token (each (b, t) row), 0 elsewhere |
+# | $X_s = X\odot \mathrm{Mask}$ | (B, T, C) | the sparsified input |
+# | $W$ | (O, C) | weight, one row per output feature |
+# | $Y = X_s W^\top$ | (B, T, O) | output |
+#
+# In index form, with $N = B\cdot T$ tokens flattened into one axis $n$:
+#
+# $$Y_{n o} = \sum_{c=1}^{C} X_{s,nc}\, W_{oc}, \qquad X_{s,nc} = X_{nc}\,\mathrm{Mask}_{nc}.$$
+#
+# K comes from the sparsity S as `K = C - floor(S·C + 1/2)` (`minisparse/topk.py`,
+# `kept_count`). Our hand mask uses a stable sort of $-\lvert X\rvert$, so ties keep the
+# lower channel index, the rule `topk_mask` documents; it is an independent
+# implementation of the same definition.
+
+# %%
+B, T, C, O = 2, 3, 8, 5
+S = 0.5
+K = kept_count(C, S)
+print(f"C = {C}, sparsity S = {S}  ->  K = {K} channels kept per token")
+
+X = rng.standard_normal((B, T, C))            # (B, T, C)
+W = rng.standard_normal((O, C))               # (O, C)
+
+
+def hand_mask(X, K):
+    """Mask (..., C): True at the K largest |X| of each row; stable sort = lower index wins ties."""
+    order = np.argsort(-np.abs(X), axis=-1, kind="stable")   # (..., C) channels, largest |X| first
+    mask = np.zeros(X.shape, dtype=bool)
+    np.put_along_axis(mask, order[..., :K], True, axis=-1)
+    return mask
+
+
+def hand_forward(X, W, K):
+    Mask = hand_mask(X, K)                    # (B, T, C)
+    Xs = X * Mask                             # (B, T, C)
+    Y = np.einsum("btc,oc->bto", Xs, W)       # (B, T, O): Y[n, o] = sum_c Xs[n, c] W[o, c]
+    return Y, Xs, Mask
+
+
+Y_hand, Xs_hand, Mask_hand = hand_forward(X, W, K)
+(Y_pkg,), cache = sparse_linear_forward(X, [W], SparseSpec(S))
+print("forward: hand vs minisparse, max |diff| =", np.abs(Y_hand - Y_pkg).max())
+print("masks identical:", np.array_equal(Mask_hand, cache[1]))
+
+# %% [markdown]
+# Every token picks its own K channels. Looking at the mask of the six tokens makes that
+# plain: no column is kept by every row. (That per-token pattern is what Block Q-Sparse,
+# lesson 06, regularises for batched kernels.)
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(9, 2.6))
+axes[0].imshow(X.reshape(B * T, C), cmap="RdBu", vmin=-2.5, vmax=2.5)
+axes[0].set_title("X (tokens x channels)")
+axes[1].imshow(Mask_hand.reshape(B * T, C), cmap="Greys", vmin=0, vmax=1)
+axes[1].set_title(f"Mask = TopK(|X|), K = {K} of {C} (black = kept)")
+for ax in axes:
+    ax.set_xlabel("channel c"); ax.set_ylabel("token n = (b, t)")
+plt.tight_layout(); plt.show()
+
+# %% [markdown]
+# ## 2. The backward pass, derived
+#
+# A scalar loss $L$ sits somewhere downstream; backward receives
+# $dY = \partial L/\partial Y$, shape (B, T, O), and must return $dW$ (O, C) and $dX$ (B, T, C).
+#
+# **Weight.** $W_{oc}$ appears in $Y_{no}$ for every token $n$, multiplied by $X_{s,nc}$:
+#
+# $$dW_{oc} = \sum_{n} dY_{no}\, X_{s,nc} \quad\Longrightarrow\quad dW = dY^\top X_s \qquad (O, N)\,(N, C) = (O, C).$$
+#
+# The sum over $n$ runs over both B and T: every token's gradient lands on the same weight.
+#
+# **Sparsified input.** $X_{s,nc}$ appears in $Y_{no}$ for every output $o$, multiplied by $W_{oc}$:
+#
+# $$dX_{s,nc} = \sum_{o} dY_{no}\, W_{oc} \quad\Longrightarrow\quad dX_s = dY\, W \qquad (B, T, O)\,(O, C) = (B, T, C).$$
+#
+# **Input, through the mask.** $X_{s,nc} = X_{nc}\,\mathrm{Mask}_{nc}$, and the mask is a
+# step function of $X$: it is constant in a neighbourhood of any $X$ whose row has no tie at
+# the K-th place, so there
+#
+# $$\frac{\partial X_{s,nc}}{\partial X_{nc'}} = \mathrm{Mask}_{nc}\,\delta_{cc'} \quad\Longrightarrow\quad dX = dX_s \odot \mathrm{Mask} \qquad \text{(Eq. 12, the true derivative)}.$$
+#
+# Q-Sparse does **not** use it. The paper (Sec. 2.2, Fig. 2) shows that the masked gradient
+# leaves the dropped channels with nothing, and gradient norms vanish in the lower layers.
+# It uses the straight-through estimator instead, which treats sparsification as the
+# identity on the way back:
+#
+# $$dX = dX_s \qquad \text{(Eq. 13, STE)}.$$
+#
+# `minisparse/linear.py`, `sparse_linear_backward` computes $dW$ and $dX_s$;
+# `minisparse/topk.py`, `topk_backward` turns $dX_s$ into $dX$ (`ste=True`: Eq. 13;
+# `ste=False`: Eq. 12). Below, the same three lines in plain NumPy, with `einsum` so each sum
+# is spelled out.
+
+# %%
+def hand_backward(dY, Xs, Mask, W, ste=True):
+    dW = np.einsum("bto,btc->oc", dY, Xs)     # (O, C): dW[o, c] = sum_{b,t} dY[b,t,o] Xs[b,t,c]
+    dXs = np.einsum("bto,oc->btc", dY, W)     # (B, T, C): dXs[n, c] = sum_o dY[n, o] W[o, c]
+    dX = dXs if ste else dXs * Mask           # Eq. 13 (STE) or Eq. 12 (masked)
+    return dX, dW, dXs
+
+
+dY = rng.standard_normal((B, T, O))           # a random upstream gradient, never all ones
+
+for ste in (True, False):
+    (_,), cache = sparse_linear_forward(X, [W], SparseSpec(S, ste=ste))
+    dX_pkg, (dW_pkg,) = sparse_linear_backward([dY], cache)
+    dX_h, dW_h, _ = hand_backward(dY, Xs_hand, Mask_hand, W, ste)
+    print(f"ste={ste!s:5}  rel error dX = {rel_error(dX_h, dX_pkg):.1e}   dW = {rel_error(dW_h, dW_pkg):.1e}")
+
+# %% [markdown]
+# Note what $dW$ inherits from the mask without any extra code: $dW = dY^\top X_s$ uses the
+# *sparsified* input, so a weight column gets gradient only from the tokens that kept that
+# channel. Only $dX$ has a choice to make.
+
+# %% [markdown]
+# ## 3. Finite differences at sparsity 0
+#
+# At S = 0 the mask is all ones, the projection is the smooth function $Y = XW^\top$, and
+# the derivation can be checked against centred finite differences
+# $\partial L/\partial\theta \approx (L(\theta+h)-L(\theta-h))/2h$ of the scalar
+# $L = \sum Y\odot dY$ (so $\partial L/\partial Y = dY$, the random upstream gradient).
+# Float64, h = 1e-6.
+
+# %%
+def loss_of(X, W, spec):
+    (Y,), _ = sparse_linear_forward(X, [W], spec)
+    return float((Y * dY).sum())
+
+
+X0, W0 = X.copy(), W.copy()
+dX_h0, dW_h0, _ = hand_backward(dY, X0, np.ones_like(X0, dtype=bool), W0)
+num_dX0 = numerical_grad(lambda: loss_of(X0, W0, SparseSpec(0.0)), X0)
+num_dW0 = numerical_grad(lambda: loss_of(X0, W0, SparseSpec(0.0)), W0)
+err_fd_dX0, err_fd_dW0 = rel_error(dX_h0, num_dX0), rel_error(dW_h0, num_dW0)
+print(f"S = 0: hand vs finite differences, rel error dX = {err_fd_dX0:.1e}, dW = {err_fd_dW0:.1e}")
+
+# %% [markdown]
+# ## 4. Why finite differences cannot check the STE
+#
+# Finite differences measure the derivative of the forward function. The STE is, by
+# design, **not** that derivative: it returns $dX_s$ at every channel, including the ones
+# the forward threw away, where the loss does not depend on $X$ at all (locally).
+# So at S = 0.5:
+#
+# * finite differences should agree with the **masked** gradient $dX_s\odot\mathrm{Mask}$
+#   (Eq. 12), as long as the step $h$ cannot reorder $\lvert X\rvert$ around the K-th
+#   place (no ties within $h$), and
+# * they should disagree with the STE at every dropped channel.
+#
+# The STE is then checked by its definition instead: the package's $dX$ equals the upstream
+# $dX_s = dY\,W$ (to rounding, since our `einsum` and the package's BLAS call add in a
+# different order), and `topk_backward` with `ste=True` hands back its input untouched, bit
+# for bit.
+
+# %%
+absX = np.sort(np.abs(X), axis=-1)[..., ::-1]            # (B, T, C) each row, descending
+margin = (absX[..., K - 1] - absX[..., K]).min()          # smallest gap at the K-th place
+h = 1e-6
+print(f"smallest gap between the K-th and (K+1)-th |x| of a row: {margin:.3g}  (step h = {h:g})")
+assert margin > 1e3 * h, "a near-tie: finite differences would flip the mask"
+
+Xf = X.copy()
+num_dX = numerical_grad(lambda: loss_of(Xf, W, SparseSpec(S)), Xf, h)
+_, _, dXs = hand_backward(dY, Xs_hand, Mask_hand, W)
+err_fd_masked = rel_error(num_dX, dXs * Mask_hand)
+err_fd_ste = rel_error(num_dX, dXs)
+print(f"S = {S}: finite differences vs masked dXs*Mask (Eq. 12): rel error {err_fd_masked:.1e}")
+print(f"S = {S}: finite differences vs STE dXs        (Eq. 13): rel error {err_fd_ste:.1e}")
+print("finite-difference gradient at dropped channels: max |.| =", np.abs(num_dX[~Mask_hand]).max())
+
+(_,), cache_ste = sparse_linear_forward(X, [W], SparseSpec(S, ste=True))
+dX_ste_pkg, _ = sparse_linear_backward([dY], cache_ste)
+err_ste_def = rel_error(dX_ste_pkg, dXs)
+G = rng.standard_normal(X.shape)                         # any upstream gradient
+ste_identity = np.array_equal(topk_backward(G, Mask_hand, ste=True), G)
+masked_is_masked = np.array_equal(topk_backward(G, Mask_hand, ste=False), G * Mask_hand)
+print(f"STE by definition: package dX vs dXs = dY W, rel error {err_ste_def:.1e}")
+print("topk_backward(G, mask, ste=True) is G, bit for bit:", ste_identity)
+print("topk_backward(G, mask, ste=False) is G * mask, bit for bit:", masked_is_masked)
+
+# %% [markdown]
+# So the masked gradient is the true derivative, and the STE is a deliberate choice to use
+# something else. What the STE returns at a dropped channel is the slope the loss *would*
+# have if that channel were kept: the derivative of the dense function $X W^\top$.
+#
+# The plot makes it concrete. Take one dropped entry $X_{nc}$ and move it by $t$. While it
+# stays outside the top-K the loss is flat (true derivative 0); once $\lvert X_{nc}+t\rvert$
+# passes the K-th largest of the other entries, it enters the mask, evicts another channel,
+# and the loss jumps. The STE's line (slope $dX_{s,nc}$) ignores the flat part and the jump.
+
+# %%
+n_flat = np.flatnonzero(~Mask_hand.reshape(-1, C).all(axis=-1))[0]        # a token
+c_drop = np.flatnonzero(~Mask_hand.reshape(-1, C)[n_flat])[0]             # one of its dropped channels
+b_, t_ = divmod(n_flat, T)
+ts = np.linspace(-3, 3, 601)
+L_t = []
+for t in ts:
+    Xt = X.copy(); Xt[b_, t_, c_drop] += t
+    L_t.append(loss_of(Xt, W, SparseSpec(S)))
+L0 = loss_of(X, W, SparseSpec(S))
+slope_ste = dXs[b_, t_, c_drop]
+
+plt.figure(figsize=(6.5, 3.6))
+plt.plot(X[b_, t_, c_drop] + ts, L_t, label="L(x) with top-K (the true function)")
+plt.plot(X[b_, t_, c_drop] + ts, L0 + slope_ste * ts, "--", label=f"STE's line, slope dXs = {slope_ste:.2f}")
+plt.axvline(X[b_, t_, c_drop], color="grey", lw=0.8, label="current value (dropped)")
+plt.xlabel(f"value of X[{b_}, {t_}, {c_drop}]"); plt.ylabel("loss L = sum(Y * dY)")
+plt.title("a dropped entry: flat loss, jump on entering the top-K")
+plt.legend(fontsize=8); plt.tight_layout(); plt.show()
+
+# %% [markdown]
+# ## 5. One sparsified input, several weights: q, k, v
+#
+# In attention the three projections q, k, v read the same normalised input $X$. Q-Sparse
+# sparsifies it **once**, and all three weights see the same $X_s$
+# (`sparse_linear_forward(h, [Wq, Wk, Wv], spec)` in `minisparse/model.py`). $X_s$ then
+# feeds three outputs, so by the multivariable chain rule its gradient is the sum of three
+# contributions:
+#
+# $$dX_s = dY_q W_q + dY_k W_k + dY_v W_v, \qquad dW_i = dY_i^\top X_s,$$
+#
+# which is the loop with `dxs2 = dxs2 + d` in `sparse_linear_backward`. The same holds for
+# the FFN's up and gate projections. Equivalently, it is one projection with the stacked
+# weight $[W_q; W_k; W_v]$ of shape (3·O, C).
+
+# %%
+Wq, Wk, Wv = (rng.standard_normal((O, C)) for _ in range(3))       # (O, C) each
+dYq, dYk, dYv = (rng.standard_normal((B, T, O)) for _ in range(3))  # (B, T, O) each
+
+(yq, yk, yv), cache_qkv = sparse_linear_forward(X, [Wq, Wk, Wv], SparseSpec(S))
+dX_qkv, (dWq, dWk, dWv) = sparse_linear_backward([dYq, dYk, dYv], cache_qkv)
+
+# by hand: each weight on its own, then the sum
+parts = [hand_backward(dYi, Xs_hand, Mask_hand, Wi) for dYi, Wi in ((dYq, Wq), (dYk, Wk), (dYv, Wv))]
+dX_sum = parts[0][0] + parts[1][0] + parts[2][0]
+err_shared_dX = rel_error(dX_qkv, dX_sum)
+err_shared_dW = max(rel_error(a, p[1]) for a, p in zip((dWq, dWk, dWv), parts))
+print(f"shared input: package dX vs sum of three hand dX: rel error {err_shared_dX:.1e}; dW: {err_shared_dW:.1e}")
+
+# the same as one projection with the stacked weight (3*O, C)
+(y_stack,), cache_stack = sparse_linear_forward(X, [np.concatenate([Wq, Wk, Wv])], SparseSpec(S))
+dX_stack, _ = sparse_linear_backward([np.concatenate([dYq, dYk, dYv], axis=-1)], cache_stack)
+print("stacked weight gives the same dX: rel error", f"{rel_error(dX_stack, dX_qkv):.1e}")
+print("each separate dX alone differs from the sum: rel error",
+      f"{rel_error(parts[0][0], dX_qkv):.2f} (only dY_q's part)")
+
+# %% [markdown]
+# ## 6. Measured sparsity: the zeros that actually reached the projection
+#
+# `sparse_linear_forward` also stores `zero_frac = (xs2 == 0).mean()` in its cache (the
+# fifth entry, `cache[4]`): the fraction of the input entries that are zero *after*
+# sparsification. This is what the paper's Table 2 reports, and what `model.measured_sparsity`
+# reads. It counts top-K's zeros **and** any zeros the input already had. On a Gaussian input
+# it equals the nominal $1 - K/C$; on an input with its own zeros (like the ReLU²-GLU output
+# that feeds the `down` projection) it can be higher.
+
+# %%
+Cbig = 128
+Xg = rng.standard_normal((4, 16, Cbig))                        # no zeros of its own
+Xr = np.maximum(rng.standard_normal((4, 16, Cbig)), 0) ** 2    # ReLU^2: about half exact zeros
+rows = []
+for name, Xin in (("Gaussian", Xg), ("ReLU^2 output", Xr)):
+    own = float((Xin == 0).mean())
+    for s in (0.0, 0.3, 0.5, 0.7):
+        _, c = sparse_linear_forward(Xin, [rng.standard_normal((8, Cbig))], SparseSpec(s))
+        nominal = 1 - kept_count(Cbig, s) / Cbig
+        rows.append((name, own, s, nominal, float(c[4])))
+        print(f"{name:14s} own zeros {own:.3f}   S = {s:.1f}  nominal 1-K/C = {nominal:.3f}   measured zero_frac = {float(c[4]):.3f}")
+gauss_rows = [r for r in rows if r[0] == "Gaussian"]
+relu_rows = [r for r in rows if r[0] != "Gaussian"]
+
+# %% [markdown]
+# On the ReLU² input, each token ends with max(its own zeros, C - K) zeros: top-K keeps K
+# entries by $\lvert x\rvert$, and if fewer than K are nonzero, some of the "kept" ones are
+# already zero. Averaged over tokens, the measured fraction is therefore at least the larger
+# of the two averages, and a little above it where tokens differ. In a model the same happens
+# at the `down` site, whose input is the ReLU²-GLU output. The cell prints what one forward
+# pass of a randomly initialised model measures (random weights, not a trained model):
+
+# %%
+cfg = model.GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=4, n_embd=64, sparsity=0.5)
+params = model.init_params(cfg, seed=0)
+idx = rng.integers(0, cfg.vocab_size, (4, 32))
+_, _, caches = model.forward(params, cfg, idx)
+mean_sp = model.mean_sparsity(cfg, caches)
+for site, v in mean_sp.items():
+    print(f"site {site:8s} measured zero fraction {v:.3f}   (nominal {cfg.sparsity})")
+
+# %% [markdown]
+# ## 7. What the zeros save: multiply-adds
+#
+# A dense projection of N = B·T tokens costs $N\cdot C\cdot O$ multiply-adds. With K of the
+# C inputs kept per token, a kernel that skips zeros needs only $N\cdot K\cdot O$: for each
+# token, gather the K kept channels and multiply by those K columns of $W$,
+# $Y_n = W_{:,\,\mathrm{idx}_n}\, X_{n,\,\mathrm{idx}_n}$. The cell below does exactly that
+# for every token and checks it against the package's output.
+#
+# Be honest about what minisparse does: `sparse_linear_forward` multiplies the zeros too
+# (`xs2 @ W.T`, one dense BLAS call per weight). Skipping zeros pays only with a kernel built
+# for it. The count below is what such a kernel *could* save; lesson 07 measures times.
+
+# %%
+Bm, Tm, Cm, Om, Sm = 12, 64, 128, 3 * 128, 0.5      # the qkv site of the default model, batch 12 x 64
+Km = kept_count(Cm, Sm)
+Xm = rng.standard_normal((Bm, Tm, Cm))
+Wm = rng.standard_normal((Om, Cm)) * 0.02
+(Ym,), cache_m = sparse_linear_forward(Xm, [Wm], SparseSpec(Sm))
+
+# the gathered product: K * O multiply-adds per token
+Xs_m = cache_m[0]                                            # (N, C), the sparsified input
+idx_kept = np.argsort(Xs_m == 0, axis=-1, kind="stable")[:, :Km]   # (N, K) kept channels of each token
+Y_gather = np.empty((Bm * Tm, Om))
+for n in range(Bm * Tm):                                     # one token: (O, K) @ (K,)
+    Y_gather[n] = Wm[:, idx_kept[n]] @ Xs_m[n, idx_kept[n]]
+err_gather = rel_error(Y_gather, Ym.reshape(-1, Om))
+print(f"gathered product vs package output: rel error {err_gather:.1e}")
+
+N = Bm * Tm
+macs_dense = N * Cm * Om
+macs_sparse = N * Km * Om
+macs_measured = int((Xs_m != 0).sum()) * Om                  # nonzeros that reached it, times O
+print(f"N = {N} tokens, C = {Cm}, O = {Om}, K = {Km}")
+print(f"dense   N*C*O = {macs_dense:,} multiply-adds")
+print(f"sparse  N*K*O = {macs_sparse:,} multiply-adds  ({macs_sparse / macs_dense:.0%} of dense)")
+print(f"counted from the nonzeros of Xs: {macs_measured:,}")
+
+# %% [markdown]
+# In training, the backward has two more products. $dW = dY^\top X_s$ reads the same sparse
+# $X_s$, so it saves the same fraction. $dX_s = dY\,W$ does **not** with the STE: Eq. 13
+# passes $dX_s$ to all C channels, dropped ones included, so all of it must be computed.
+# With the masked gradient (Eq. 12) only the K kept channels of $dX_s$ would be needed; the
+# STE's better gradients cost that saving.
+
+# %%
+sparsities = np.array([0.0, 0.25, 0.5, 0.625, 0.75])
+fwd = [N * kept_count(Cm, s) * Om / macs_dense for s in sparsities]
+train_ste = [(2 * N * kept_count(Cm, s) * Om + N * Cm * Om) / (3 * macs_dense) for s in sparsities]
+train_masked = [3 * N * kept_count(Cm, s) * Om / (3 * macs_dense) for s in sparsities]
+w = 0.27
+xpos = np.arange(len(sparsities))
+plt.figure(figsize=(6.5, 3.6))
+plt.bar(xpos - w, fwd, w, label="forward: N*K*O")
+plt.bar(xpos, train_ste, w, label="forward + backward, STE")
+plt.bar(xpos + w, train_masked, w, label="forward + backward, masked")
+plt.xticks(xpos, [f"{s:g}" for s in sparsities])
+plt.xlabel("sparsity S"); plt.ylabel("multiply-adds / dense")
+plt.title(f"one projection, C = {Cm}, O = {Om}")
+plt.legend(fontsize=8); plt.tight_layout(); plt.show()
+for s, a, b_ in zip(sparsities, fwd, train_ste):
+    print(f"S = {s:<5g} forward {a:.3f} of dense, one training step with the STE {b_:.3f} of dense")
+
+# %% [markdown]
+# ## 8. The hand derivation equals the package
+#
+# Every claim of this lesson, as an assert (float64; "to rounding" means 1e-12 relative):
+#
+# * the hand mask and forward equal `sparsify` / `sparse_linear_forward`;
+# * hand $dW = dY^\top X_s$ and $dX$ (STE and masked) equal `sparse_linear_backward`;
+# * at S = 0 both agree with finite differences to 1e-6;
+# * at S = 0.5 finite differences equal the masked gradient (1e-6) and not the STE, and the
+#   package's STE gradient equals $dX_s = dY\,W$ (its definition), `topk_backward` passes
+#   the upstream through bit for bit;
+# * the shared input's gradient is the sum of the three;
+# * the measured zero fraction is the nominal one on a Gaussian input and at least it otherwise;
+# * the gathered product (N·K·O multiply-adds) equals the package's output.
+
+# %%
+TOL_ROUND, TOL_FD = 1e-12, 1e-6
+Xs_pkg, Mask_pkg = sparsify(X, SparseSpec(S))
+np.testing.assert_array_equal(Mask_hand, Mask_pkg)
+np.testing.assert_array_equal(Xs_hand, Xs_pkg)
+np.testing.assert_allclose(Y_hand, Y_pkg, rtol=TOL_ROUND, atol=TOL_ROUND)
+
+for ste in (True, False):
+    (_,), cache = sparse_linear_forward(X, [W], SparseSpec(S, ste=ste))
+    dX_pkg, (dW_pkg,) = sparse_linear_backward([dY], cache)
+    dX_h, dW_h, _ = hand_backward(dY, Xs_hand, Mask_hand, W, ste)
+    np.testing.assert_allclose(dW_h, dW_pkg, rtol=TOL_ROUND, atol=TOL_ROUND)
+    np.testing.assert_allclose(dX_h, dX_pkg, rtol=TOL_ROUND, atol=TOL_ROUND)
+
+(_,), cache0 = sparse_linear_forward(X, [W], SparseSpec(0.0))
+dX_pkg0, (dW_pkg0,) = sparse_linear_backward([dY], cache0)
+np.testing.assert_allclose(dX_h0, dX_pkg0, rtol=TOL_ROUND, atol=TOL_ROUND)
+np.testing.assert_allclose(dW_h0, dW_pkg0, rtol=TOL_ROUND, atol=TOL_ROUND)
+assert err_fd_dX0 < TOL_FD and err_fd_dW0 < TOL_FD
+
+assert err_fd_masked < TOL_FD          # finite differences = masked gradient (Eq. 12)
+assert err_fd_ste > 0.1                # ... and not the STE (Eq. 13)
+assert err_ste_def < TOL_ROUND         # the STE by its definition: dX is dXs = dY W
+assert ste_identity and masked_is_masked
+
+assert err_shared_dX < TOL_ROUND and err_shared_dW < TOL_ROUND
+assert rel_error(dX_stack, dX_qkv) < TOL_ROUND
+
+for _, own, s, nominal, measured in gauss_rows:
+    assert own == 0 and abs(measured - nominal) < 1e-12
+for _, own, s, nominal, measured in relu_rows:
+    assert measured >= max(own, nominal) - 1e-12
+assert mean_sp["down"] >= cfg.sparsity - 1e-12
+
+assert err_gather < TOL_ROUND
+assert macs_measured == macs_sparse == N * Km * Om
+print("all checks passed: the hand derivation equals minisparse/linear.py")

@@ -1,0 +1,355 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 05 · Training a tiny model: dense against Q-Sparse
+#
+# The earlier lessons built the pieces: the top-K mask and its straight-through gradient
+# (lesson 01), the ReLU²-GLU (02), the sparse projection (03). Here we train whole models
+# with them and compare, at **equal steps and equal tokens**:
+#
+# - dense (sparsity 0), twice, with two seeds: the spread between them tells us how big a
+#   difference has to be before it means anything;
+# - Q-Sparse top-K at 50% and 80% of every projection input zeroed (Eq. 2-3);
+# - the ablation of the paper's Fig. 8: 50% top-K **without** the straight-through estimator,
+#   i.e. the masked gradient of Eq. 12 instead of Eq. 13.
+#
+# Everything goes through the package's training loop, `minisparse/train.py`, function
+# `train`, configured by the dataclass `TrainConfig` (the same one `train_tiny.py` fills from
+# its flags). Only one field changes between runs: `sparsity` (read by
+# `minisparse/linear.py`, `sparsify`), `no_ste` (read by `minisparse/topk.py`,
+# `topk_backward`) or `seed`.
+
+# %%
+import os
+import sys
+
+# The matrices here are tiny (64 channels): BLAS threads cannot speed them up, and on a
+# shared 2-core machine idle-spinning threads slow every step down many times over.
+# This must be set before NumPy is first imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, os.path.abspath(".."))
+
+import json
+import math
+import time
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from minisparse import backend, model
+from minisparse.data import get_batch, load_text, split_ids
+from minisparse.topk import kept_count
+from minisparse.train import TrainConfig, estimate_loss, load_run, train
+
+# %% [markdown]
+# ## The runs
+#
+# A deliberately tiny model: 2 layers, 2 heads, 64 channels, context 32, batch 8, on the
+# built-in `pydoc` corpus with a character tokenizer. Each step sees 8 × 32 = 256 tokens,
+# so 500 steps are about 128 thousand tokens, a few seconds per run on one CPU core.
+# Every run is evaluated every 50 steps on 8 batches of each split, and logs each step to
+# `runs/05_<name>/metrics.jsonl`.
+
+# %%
+BASE = dict(n_layer=2, n_head=2, n_embd=64, block_size=32, batch_size=8,
+            max_iters=500, warmup_iters=30, eval_interval=50, eval_iters=8)
+
+RUNS = {                                  # name -> the fields that differ from BASE
+    "dense":      dict(sparsity=0.0),
+    "dense_seed": dict(sparsity=0.0, seed=1),        # same config, other init and batches
+    "s0.5":       dict(sparsity=0.5),
+    "s0.8":       dict(sparsity=0.8),
+    "s0.5_noste": dict(sparsity=0.5, no_ste=True),   # Eq. 12 instead of Eq. 13 (Fig. 8)
+}
+
+summaries = {}
+t_all = time.perf_counter()
+for name, kw in RUNS.items():
+    tc = TrainConfig(out_dir=f"runs/05_{name}", **BASE, **kw)
+    summaries[name] = train(tc, progress=False, log=lambda msg: None)
+    print(f"{name:11s} {summaries[name]['seconds']:5.1f} s   val loss on 8 batches {summaries[name]['val_loss']:.4f}")
+print(f"all runs: {time.perf_counter() - t_all:.1f} s")
+
+# %% [markdown]
+# ## Reading metrics.jsonl
+#
+# `train` writes one JSON object per line. A training line per step:
+# `{"iter", "train_loss", "lr", "tokens_per_s", "grad_norm", "sparsity": {site: fraction}}`,
+# and an evaluation line every `eval_interval` steps and at the end:
+# `{"iter", "eval": true, "train_loss", "val_loss", "sparsity"}`. The `sparsity` field is
+# the fraction of zeros that actually reached each of the four projection sites
+# (`minisparse/model.py`, `mean_sparsity`: averaged over the layers).
+
+# %%
+def read_metrics(out_dir):
+    """(training lines, evaluation lines) of a run's metrics.jsonl, each a list of dicts."""
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    return [m for m in lines if not m.get("eval")], [m for m in lines if m.get("eval")]
+
+
+metrics = {name: read_metrics(f"runs/05_{name}") for name in RUNS}
+steps, evals = metrics["s0.5"]
+print("a training line:  ", json.dumps(steps[-1]))
+print("an evaluation line:", json.dumps(evals[-1]))
+print(f"{len(steps)} training lines, {len(evals)} evaluation lines")
+
+
+# %% [markdown]
+# ## Loss curves
+#
+# The per-step training loss is noisy (one batch of 256 tokens), so it is smoothed with an
+# exponential moving average; the validation loss is the mean of 8 held-out batches at
+# every evaluation line. Those 8 batches are drawn from a generator seeded by
+# (seed, iter) (`minisparse/train.py`, `estimate_loss`), so all runs with the default seed
+# are scored on the same batches at a given step, and their validation curves zigzag
+# together: that is the batches' difficulty, not the models. The `dense_seed` run is scored
+# on other batches.
+
+# %%
+def ema(values, alpha=0.05):
+    """Exponential moving average, debiased at the start like Adam's moments."""
+    out, s = [], 0.0
+    for i, v in enumerate(values):
+        s = (1 - alpha) * s + alpha * v
+        out.append(s / (1 - (1 - alpha) ** (i + 1)))
+    return np.array(out)
+
+
+STYLE = {"dense": ("k", "-"), "dense_seed": ("gray", "--"), "s0.5": ("tab:blue", "-"),
+         "s0.8": ("tab:red", "-"), "s0.5_noste": ("tab:blue", ":")}
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+for name, (steps, evals) in metrics.items():
+    color, ls = STYLE[name]
+    ax1.plot([m["iter"] for m in steps], ema([m["train_loss"] for m in steps]), color=color, ls=ls, label=name)
+    ax2.plot([m["iter"] for m in evals], [m["val_loss"] for m in evals], color=color, ls=ls, marker=".", label=name)
+ax1.set(xlabel="step", ylabel="train loss (EMA, alpha 0.05)", title="training loss")
+ax2.set(xlabel="step", ylabel="validation loss", title="validation loss at eval lines")
+for ax in (ax1, ax2):
+    ax.set_ylim(1.8, 3.4)
+    ax.grid(alpha=0.3)
+    ax.legend()
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## Final losses and activated parameters
+#
+# 8 batches are too few to rank runs whose losses differ by a few hundredths, so the
+# final comparison scores every saved model (`minisparse/train.py`, `load_run`) on the
+# same 50 validation batches (12,800 tokens) and reports the mean with its standard error.
+#
+# `N` counts the projection weights of the blocks (embedding, LM head and norm gains left
+# out, as the paper does); `N_a` counts the weights one token multiplies: for every
+# projection, the inputs that reach it times its outputs (`minisparse/model.py`,
+# `count_params` and `activated_params`). "N_a nominal" uses K from the sparsity;
+# "N_a measured" uses the zeros measured at the last step, which adds ReLU²'s own zeros
+# at the down projection, so even the dense model touches fewer than N weights.
+
+# %%
+FINAL = TrainConfig(seed=0, batch_size=8, eval_iters=50)    # the shared final evaluation
+text = load_text("pydoc")
+final, final_se, cfg = {}, {}, {}
+for name in RUNS:
+    params, _, cfg[name], tok, _ = load_run(f"runs/05_{name}")
+    _, val_ids = split_ids(tok.encode(text))
+    rng = np.random.default_rng([FINAL.seed, 0, 1])          # the generator estimate_loss uses for "val"
+    losses = []
+    for _ in range(FINAL.eval_iters):
+        x, y = get_batch(val_ids, cfg[name].block_size, FINAL.batch_size, rng)
+        losses.append(float(model.forward(params, cfg[name], backend.asarray(x), backend.asarray(y))[1]))
+    final[name], final_se[name] = np.mean(losses), np.std(losses, ddof=1) / np.sqrt(len(losses))
+# the loop above is estimate_loss keeping each batch's loss; check that on the last run
+np.testing.assert_allclose(final[name], estimate_loss(params, cfg[name], {"val": val_ids}, FINAL, 0)["val"],
+                           rtol=1e-12)
+
+noise = abs(final["dense"] - final["dense_seed"])
+print(f"{'run':11s} {'val loss':>16s} {'- dense':>8s} {'N':>8s} {'N_a nominal':>12s} {'N_a measured':>13s}")
+for name, s in summaries.items():
+    print(f"{name:11s} {final[name]:8.4f} ± {final_se[name]:.4f} {final[name] - final['dense']:+8.4f} "
+          f"{s['N']:8,d} {s['N_a']:12,d} {s['N_a_measured']:13,d}")
+print(f"\nseed-to-seed spread of the dense val loss (noise floor): {noise:.4f}")
+
+# %% [markdown]
+# How to read this table: the ± is the standard error of one model's mean over the 50
+# batches; but every model is scored on the same batches, so the batches' difficulty
+# cancels in the differences, and what remains is the run-to-run noise of training itself.
+# The two dense runs measure that: they differ only in their random initialisation and
+# batch order. A difference smaller than their spread is not evidence of anything (and one
+# spread from two seeds is itself a rough estimate); a difference several times larger is.
+#
+# For orientation, the paper's scaling law (Eq. 15-16, constants from QSPARSE.md Sec. 6)
+# predicts how much a sparsity S costs at a fixed total size N, once trained to
+# convergence: `L(N, S) - L(N, 0) = (A(S) - A(0)) / N^α`. Its constants were fitted on
+# 300M-7B models trained on 50B tokens of another corpus and tokenizer, so at N ≈ 10⁵
+# and 130 thousand tokens it is an extrapolation far outside its range; the cell prints it
+# next to our measurement only to show the shape of the prediction (the cost grows fast
+# as S nears 1, through exp(β / (1 - S))), not as a number we expect to hit: a close match
+# at this scale would be a coincidence, not a confirmation.
+
+# %%
+E, B_, C_, alpha, beta = 1.86, 0.01, 1.89, 0.10, 0.05      # QSPARSE.md Sec. 6, rounded
+
+
+def A(S):
+    return B_ + C_ * math.exp(beta / (1 - S))              # Eq. 16
+
+
+N = summaries["dense"]["N"]
+for name in ("s0.5", "s0.8"):
+    S = RUNS[name]["sparsity"]
+    law = (A(S) - A(0.0)) / N ** alpha                     # Eq. 15 at equal N
+    ours = final[name] - final["dense"]
+    print(f"S = {S}: Eq. 15-16 gap at N = {N:,}: {law:+.3f}   this run's gap: {ours:+.3f}   "
+          f"(seed spread {noise:.3f})")
+
+# %% [markdown]
+# ## Measured sparsity over training
+#
+# The paper's Fig. 8 contrasts top-K with ReLU: top-K's sparsity is fixed by K, while an
+# activation's natural zeros move as the weights change. Both kinds are visible in one model
+# here. At `qkv`, `o` and `up_gate` the input comes from RMSNorm or attention, with no
+# exact zeros, so the measured sparsity is exactly (D - K) / D at every step: 32/64 = 0.5,
+# and 51/64 = 0.797 at S = 0.8 (K = D - floor(S·D + 1/2), `minisparse/topk.py`,
+# `kept_count`). At `down` the input is `u ⊙ ReLU²(g)` (Eq. 11), whose zeros come from every
+# negative gate value; they add to top-K's, and their number drifts with training.
+
+# %%
+fig, axes = plt.subplots(1, len(model.SITES), figsize=(15, 3.4), sharey=True)
+for ax, site in zip(axes, model.SITES):
+    for name in ("dense", "s0.5", "s0.8", "s0.5_noste"):
+        steps, _ = metrics[name]
+        color, ls = STYLE[name]
+        ax.plot([m["iter"] for m in steps], [m["sparsity"][site] for m in steps], color=color, ls=ls,
+                lw=1, label=name)
+    ax.set(title=f"site '{site}'", xlabel="step", ylim=(-0.03, 1.0))
+    ax.grid(alpha=0.3)
+axes[0].set_ylabel("measured fraction of zeros")
+axes[-1].legend()
+plt.tight_layout()
+plt.show()
+
+Hd = 32 * math.ceil(8 * BASE["n_embd"] / 3 / 32)            # the FFN width, 192: the down site's D
+for name in ("dense", "s0.5", "s0.8", "s0.5_noste"):
+    down = np.array([m["sparsity"]["down"] for m in metrics[name][0]])
+    topk_alone = (Hd - kept_count(Hd, RUNS[name]["sparsity"])) / Hd
+    print(f"{name:11s} down: first 20 steps {down[:20].mean():.3f}, last 20 steps {down[-20:].mean():.3f}, "
+          f"range {down.min():.3f} .. {down.max():.3f}   (top-K alone: {topk_alone:.3f})")
+
+# %% [markdown]
+# Two things to check in the plot and in code. First, at the top-K sites the measured
+# sparsity never moves: it is set by K, whatever the weights do. Second, the dense model's
+# down projection still receives many zeros (ReLU²'s alone), and that fraction changes
+# as the model trains. Where ReLU² leaves fewer zeros than top-K asks for, top-K decides
+# and the down site reads (Hd - K) / Hd (154/192 = 0.802 at S = 0.8, with Hd = 192);
+# compare each printed range with the "top-K alone" value beside it.
+
+# %%
+for name in ("dense", "s0.5", "s0.8", "s0.5_noste"):
+    S = RUNS[name]["sparsity"]
+    for site, D in (("qkv", 64), ("o", 64), ("up_gate", 64)):
+        logged = np.array([m["sparsity"][site] for m in metrics[name][0]])
+        expected = (D - kept_count(D, S)) / D
+        np.testing.assert_allclose(logged, expected, rtol=0, atol=1e-12)   # fixed at every step
+dense_down = np.array([m["sparsity"]["down"] for m in metrics["dense"][0]])
+assert dense_down.max() - dense_down.min() > 0.05, "ReLU²'s natural zeros should drift during training"
+print("top-K sites: measured sparsity equals (D - K) / D at every step; the dense down site drifted by "
+      f"{dense_down.max() - dense_down.min():.3f}")
+
+# %% [markdown]
+# ## The straight-through estimator, ablated (paper Sec. 2.2, Fig. 2 and Fig. 8)
+#
+# With `no_ste=True` the projection's backward is `dX = dXs ⊙ Mask` (Eq. 12,
+# `minisparse/topk.py`, `topk_backward(..., ste=False)`): the channels top-K dropped get no
+# gradient, so the parameters upstream of them only learn from the channels that happened to
+# win. With the STE (Eq. 13) the gradient passes through all D channels as if there were no
+# mask. The paper finds (300M model, 50% top-K) that without the STE the gradient norm
+# vanishes in the lower layers and the loss ends clearly worse. Below: the validation loss of
+# the two runs, and the global gradient norm logged at every step (before clipping to 1.0).
+
+# %%
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+for name in ("dense", "s0.5", "s0.5_noste"):
+    steps, evals = metrics[name]
+    color, ls = STYLE[name]
+    ax1.plot([m["iter"] for m in evals], [m["val_loss"] for m in evals], color=color, ls=ls, marker=".", label=name)
+    ax2.plot([m["iter"] for m in steps], ema([m["grad_norm"] for m in steps]), color=color, ls=ls, label=name)
+ax1.set(xlabel="step", ylabel="validation loss", ylim=(1.8, 3.4), title="STE (Eq. 13) against masked gradient (Eq. 12)")
+ax2.set(xlabel="step", ylabel="global gradient norm (EMA)", yscale="log", title="gradient norm before clipping")
+for ax in (ax1, ax2):
+    ax.grid(alpha=0.3)
+    ax.legend()
+plt.tight_layout()
+plt.show()
+
+gap = final["s0.5_noste"] - final["s0.5"]
+print(f"final val loss, 50% top-K: with STE {final['s0.5']:.4f}, without {final['s0.5_noste']:.4f}: "
+      f"no-STE minus STE = {gap:+.4f} (seed spread {noise:.4f}, {abs(gap) / noise:.1f} times it)")
+for name in ("dense", "s0.5", "s0.5_noste"):
+    g = np.array([m["grad_norm"] for m in metrics[name][0]])
+    print(f"{name:11s} mean gradient norm over the last 100 steps: {g[-100:].mean():.3f}")
+
+# %% [markdown]
+# ## What this tiny run shows, and what it does not
+#
+# Read the printed numbers above rather than any claim here; they are what this run produced.
+#
+# - **Shown at any scale, and asserted above:** top-K fixes the sparsity of every projection
+#   input at (D - K) / D from the first step to the last, while ReLU²'s natural zeros at the
+#   down projection drift with training; N_a falls in proportion to K (half the projection
+#   weights at S = 0.5, about a fifth at S = 0.8).
+# - **Suggestive, not conclusive:** the ordering of the final losses. The paper's claims
+#   (Sec. 7: 300M-7B models, 50B tokens) are that 50% top-K costs little, that the gap
+#   shrinks as N grows, and that the cost rises steeply as S nears 1 (Eq. 16's
+#   exp(β / (1 - S))). Compare each gap in the table with the seed spread: a gap within it
+#   is not a measurement, and one run per setting cannot give error bars. Our model has
+#   about 10⁵ projection weights (thousands of times fewer than 300M) and sees
+#   1.3 × 10⁵ tokens (hundreds of thousands of times fewer than 50B), and is far from
+#   converged, so the scaling law's prediction is out of its range.
+# - **The STE ablation, half visible:** the mechanism can be seen (compare the printed gradient
+#   norms: the masked gradient carries less signal into the layers below each projection,
+#   so its global norm should be the smaller one, as in the paper's Fig. 2), but its cost
+#   in loss needs depth and time. Fig. 2 shows the masked gradient shrinking layer by layer
+#   from the top; with 2 layers there is almost no depth for it to shrink through, and 500
+#   steps are too few for the starved channels to matter. Whatever sign the no-STE loss gap
+#   has in this run, judge it against the seed spread. Lesson 01 measures the per-layer
+#   gradient norms that Fig. 2 plots.
+#
+# To see the paper's effects grow, raise `n_layer`, `n_embd` and `max_iters` (and the time:
+# `python train_tiny.py --sparsity 0.5` trains a 4-layer model for 3000 steps in about
+# five minutes).
+
+# %% [markdown]
+# ## Check: N_a by hand
+#
+# The activated-parameter counts in the table are easy to derive: per layer, the q, k, v
+# projections share one input of C channels with 3C outputs, o has C inputs and C outputs,
+# up and gate share C inputs with 2·Hd outputs, down has Hd inputs and C outputs. A token
+# multiplies K of the D inputs of each, so N_a = L · Σ kept(D) · outputs. We also redo the
+# "N_a measured" column from each run's logged per-site sparsity at its last step (all
+# layers have the same shapes, so the layer average is enough).
+
+# %%
+for name, s in summaries.items():
+    c = cfg[name]
+    C, Hd, L = c.n_embd, c.n_hidden, c.n_layer
+    sites = {"qkv": (C, 3 * C), "o": (C, C), "up_gate": (C, 2 * Hd), "down": (Hd, C)}   # site: (D, outputs)
+    N_hand = L * sum(D * O for D, O in sites.values())
+    Na_hand = L * sum(kept_count(D, c.sparsity) * O for D, O in sites.values())
+    Na_measured_hand = L * sum((1 - s["sparsity"][site]) * D * O for site, (D, O) in sites.items())
+    assert N_hand == model.count_params(c) == s["N"]
+    assert Na_hand == model.activated_params(c) == s["N_a"]
+    np.testing.assert_allclose(Na_measured_hand, s["N_a_measured"], rtol=0, atol=1.0)   # the package rounds to int
+    print(f"{name:11s} C={C} Hd={Hd}: N = {N_hand:,}, N_a = {Na_hand:,}, N_a measured = {Na_measured_hand:,.1f}")
+print("hand counts equal minisparse.model.count_params / activated_params")

@@ -1,0 +1,361 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 07 · Where the inference savings come from
+#
+# Q-Sparse replaces every projection of a Transformer block, `Y = X · Wᵀ`, by
+#
+#     Y = (X ⊙ Mask) · Wᵀ,   Mask = TopK(|X|)                         (Eq. 2, 3)
+#
+# keeping K of the C inputs of each token. The paper counts the savings as *activated
+# parameters* N_a, the weights a token actually multiplies, and reports no wall-clock
+# speedup (QSPARSE.md Sec. 7): turning a smaller N_a into less time is left to
+# implementations. This lesson does both halves:
+#
+# 1. **Counting.** Multiply-adds and bytes of weight read per token, projection by
+#    projection, summed over a model's sites, checked against `model.activated_params`.
+# 2. **Measuring.** At batch 1 (one token, as in decoding), a dense matrix-vector product
+#    against one that gathers only the K weight rows it needs; then minisparse's own
+#    decode path, dense and sparse.
+#
+# The first code cell pins the linear-algebra library to one thread *before NumPy is
+# imported*. Timings then compare algorithms, not the thread scheduler: on a shared 2-core
+# machine a two-thread BLAS call sometimes waits a whole scheduler slice, which makes
+# medians jump by milliseconds.
+
+# %%
+import os
+for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[var] = "1"              # must happen before NumPy loads its BLAS
+import sys
+numpy_was_loaded = "numpy" in sys.modules
+sys.path.insert(0, os.path.abspath(".."))
+
+import dataclasses
+import time
+import numpy as np
+import matplotlib.pyplot as plt
+
+from minisparse import model
+from minisparse.model import GPTConfig, SITES, init_params
+from minisparse.linear import SparseSpec, sparse_linear_forward
+from minisparse.topk import kept_count, topk_mask
+from minisparse.decode import SparsityMeter
+from minisparse.sampling import generate
+
+if numpy_was_loaded:
+    print("note: NumPy was loaded before this cell, so the BLAS may use more than one thread")
+print("numpy", np.__version__)
+
+# %% [markdown]
+# ## 1. Counting: what one token costs at one projection
+#
+# A projection with C inputs and O outputs stores `W` of shape (O, C) (minisparse keeps
+# weights output-major, `minisparse/model.py`, `param_shapes`). For one token `x` (C,):
+#
+# | | multiply-adds | weights read (float32) |
+# |---|---|---|
+# | dense `x · Wᵀ` | C·O | 4·C·O bytes |
+# | top-K, K of C kept | K·O | 4·K·O bytes, *if* the weight is stored input-major |
+#
+# The zeros of `x ⊙ Mask` multiply whole *columns* of `W`, that is whole *rows* of
+# `Wᵀ` (shape (C, O)). Stored input-major, the K rows a token needs are K contiguous
+# runs of O floats: reading them is reading K·O weights and nothing else. Stored
+# output-major, the K needed values sit scattered in every one of the O rows, and a
+# memory system that reads cache lines of 16 floats ends up reading nearly all of `W`.
+#
+# At batch 1 every weight is read once per token and used for one multiply-add: about
+# 2 FLOPs per 4 bytes. A CPU or GPU does far more FLOPs per byte it can fetch, so decoding
+# is limited by memory traffic, and bytes read are the cost that matters. That is why the
+# paper counts activated parameters.
+#
+# The sites of a block (`minisparse/model.py`, `SITES` and `activated_params`):
+# q, k, v share one sparsified input; so do up and gate.
+
+# %%
+def site_shapes(cfg):
+    """[(site, C_in, O)] for one block: the inputs a site's top-K sees and the outputs it feeds."""
+    C, Hd = cfg.n_embd, cfg.n_hidden
+    return [("qkv", C, 3 * C), ("o", C, C), ("up_gate", C, 2 * Hd), ("down", Hd, C)]
+
+
+def per_token_cost(cfg, sparsity):
+    """{site: (multiply-adds, bytes of float32 weight read)} per token, summed over the layers."""
+    out = {}
+    for site, C_in, O in site_shapes(cfg):
+        K = kept_count(C_in, sparsity)          # the K of minisparse/topk.py
+        out[site] = (cfg.n_layer * K * O, cfg.n_layer * K * O * 4)
+    return out
+
+
+configs = {
+    "tiny default": GPTConfig(),                                  # 4 layers, 128 channels
+    "2048-channel": GPTConfig(vocab_size=32000, block_size=2048, n_layer=24, n_head=16, n_embd=2048),
+}
+for name, cfg in configs.items():
+    print(f"{name}: n_layer {cfg.n_layer}, n_embd {cfg.n_embd}, n_hidden {cfg.n_hidden}")
+    print(f"  {'site':8s} {'C_in':>5s} {'O':>6s} {'dense MACs':>14s} {'50% MACs':>14s} {'50% MB read':>12s}")
+    for (site, C_in, O) in site_shapes(cfg):
+        d, s = per_token_cost(cfg, 0.0)[site], per_token_cost(cfg, 0.5)[site]
+        print(f"  {site:8s} {C_in:5d} {O:6d} {d[0]:14,d} {s[0]:14,d} {s[1] / 1e6:12.3f}")
+    for S in (0.0, 0.5, 0.75):
+        macs = sum(v[0] for v in per_token_cost(cfg, S).values())
+        N_a = model.activated_params(dataclasses.replace(cfg, sparsity=S))
+        print(f"  S = {S:4.2f}: {macs:14,d} multiply-adds/token   model.activated_params = {N_a:14,d}"
+              f"   weights read {macs * 4 / 1e6:8.2f} MB/token")
+    head = cfg.vocab_size * cfg.n_embd
+    print(f"  the dense LM head adds {head:,} multiply-adds/token "
+          f"({head / model.count_params(cfg):.1%} of N; never sparsified)\n")
+
+# %% [markdown]
+# Top-K's saving is exactly proportional: at sparsity S each site does (1 − S) of its
+# dense work (up to K's rounding, `kept_count`). What stays dense: the embedding lookup
+# (a row read, cheap), the LM head (printed above), RMSNorm, and attention's scores and
+# weighted sum, which grow with the context length rather than with N. With ReLU²-GLU the
+# down projection gets extra natural zeros on top of top-K's;
+# `model.activated_params(cfg, measured)` counts those too when given the measured
+# sparsity (lesson 02).
+
+# %%
+cfg = configs["2048-channel"]
+S_grid = np.linspace(0, 0.9, 10)
+per_site = {site: [per_token_cost(cfg, S)[site][1] / 1e9 for S in S_grid] for site in SITES}
+head_gb = [cfg.vocab_size * cfg.n_embd * 4 / 1e9] * len(S_grid)
+plt.figure(figsize=(6, 3.6))
+plt.stackplot(S_grid, [head_gb] + [per_site[s] for s in SITES],
+              labels=["LM head (dense)"] + [f"{s} (top-K)" for s in SITES], alpha=0.8)
+plt.xlabel("sparsity S (fraction of each projection input zeroed)")
+plt.ylabel("GB of weights read per token")
+plt.title("2048-channel, 24-layer shape, batch 1, float32")
+plt.legend(fontsize=8)
+plt.show()
+
+# %% [markdown]
+# ## 2. Measuring: a dense and a gathered matrix-vector product
+#
+# Batch 1, a square projection of size D (C = O = D). Three ways to compute one token:
+#
+# - **dense**: `x @ W.T` with `W` (O, C) as minisparse stores it. Reads all D·D weights.
+# - **gathered**: choose the K largest |x| (`np.argpartition`, the same O(D) selection
+#   as `topk_mask`), then `x[idx] @ W_T[idx]` with `W_T = Wᵀ` stored input-major (C, O).
+#   NumPy's fancy indexing `W_T[idx]` *copies* the K selected rows into a new array before
+#   the product reads them again: K·O floats read, written and read back.
+# - **slice (reference, not a real top-K)**: `x[:K] @ W_T[:K]`, the first K rows. A slice
+#   is a view, so nothing is copied: this is what reading K rows costs when the gather is
+#   fused into the product, as a real sparse kernel would do it.
+#
+# Each timing is the median of repeats, the three methods interleaved so that a
+# background job slows them alike.
+
+# %%
+def topk_idx(x, K):
+    """Indices of the K largest |x| (order unimportant): the selection a sparse kernel needs."""
+    C = x.shape[-1]
+    return np.argpartition(np.abs(x), C - K)[C - K:]
+
+
+def gathered_matvec(x, W_T, K):
+    idx = topk_idx(x, K)
+    return x[idx] @ W_T[idx]          # (K,) @ (K, O): W_T[idx] copies K rows
+
+
+def median_times(fns, repeats):
+    """Median seconds of each function, the functions interleaved within every repeat."""
+    t = np.zeros((repeats, len(fns)))
+    for r in range(repeats):
+        for j, f in enumerate(fns):
+            t0 = time.perf_counter()
+            f()
+            t[r, j] = time.perf_counter() - t0
+    return np.median(t, axis=0)
+
+
+rng = np.random.default_rng(0)
+Ds, Ss = (512, 1024, 2048), (0.0, 0.5, 0.75, 0.9)
+rows = []
+for D in Ds:
+    W = rng.standard_normal((D, D)).astype(np.float32)          # (O, C) as in minisparse
+    W_T = np.ascontiguousarray(W.T)                              # (C, O) input-major
+    x = rng.standard_normal(D).astype(np.float32)                # (C,) one token
+    repeats = {512: 1500, 1024: 500, 2048: 150}[D]
+    for S in Ss:
+        K = kept_count(D, S)
+        t_dense, t_gath, t_slice, t_sel = median_times(
+            [lambda: x @ W.T, lambda: gathered_matvec(x, W_T, K),
+             lambda: x[:K] @ W_T[:K], lambda: topk_idx(x, K)], repeats)
+        rows.append(dict(D=D, S=S, K=K, dense=t_dense, gathered=t_gath, slice=t_slice, select=t_sel))
+
+print(f"{'D':>5s} {'S':>5s} {'K':>5s} {'dense us':>9s} {'gather us':>10s} {'(select)':>9s} {'slice us':>9s}"
+      f" {'speedup':>8s} {'ideal':>6s} {'effic.':>7s} {'slice spd':>9s}")
+for r in rows:
+    ideal = 1 / (1 - r["S"])
+    spd = r["dense"] / r["gathered"]
+    print(f"{r['D']:5d} {r['S']:5.2f} {r['K']:5d} {r['dense'] * 1e6:9.1f} {r['gathered'] * 1e6:10.1f}"
+          f" {r['select'] * 1e6:9.1f} {r['slice'] * 1e6:9.1f} {spd:8.2f} {ideal:6.1f} {spd / ideal:7.0%}"
+          f" {r['dense'] / r['slice']:9.2f}")
+for D in Ds:
+    t = [r for r in rows if r["D"] == D and r["S"] == 0.0][0]["dense"]
+    print(f"dense D={D}: {D * D * 4 / t / 1e9:.1f} GB/s of weights, {2 * D * D / t / 1e9:.1f} GFLOP/s")
+
+# %% [markdown]
+# "speedup" is dense time / gathered time (selection included), "ideal" is 1/(1 − S),
+# the ratio of weights read, and "effic." their ratio. The last lines print the dense
+# product's rate as bytes and FLOPs per second: the bytes are what bound it.
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+S_line = np.linspace(0, 0.9, 50)
+for ax, key, title in ((axes[0], "gathered", "gathered: W_T[idx] copies rows"),
+                       (axes[1], "slice", "reference: contiguous slice, no copy")):
+    ax.plot(S_line, 1 / (1 - S_line), "k--", label="ideal 1/(1-S)")
+    for D in Ds:
+        sel = [r for r in rows if r["D"] == D]
+        ax.plot([r["S"] for r in sel], [r["dense"] / r[key] for r in sel], "o-", label=f"D = {D}")
+    ax.axhline(1, color="grey", lw=0.8)
+    ax.set_xlabel("sparsity S")
+    ax.set_ylabel("speedup over dense x @ W.T")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# What to read in these numbers (they are from this machine and this run):
+#
+# - The gathered product pays for selecting (an O(D) partition of |x|, a few µs, a large
+#   share at D = 512) and for the copy that fancy indexing makes: a fresh (K, O) array is
+#   allocated and written every call (megabytes at D = 2048, where the operating system
+#   may also have to map new pages), then read again by the product. Where the printed speedup
+#   is below 1, plain NumPy loses to the dense product even though it reads fewer weights.
+# - At S = 0 the slice is the whole of `W_T`: the same product in the other memory layout.
+#   Any difference from 1 there is BLAS choosing another kernel for that layout (or noise),
+#   not sparsity.
+# - The slice column reads K rows without copying. In this run it comes much closer to the
+#   ideal (printed below), because it does what a real kernel for Q-Sparse would do: read
+#   only the K rows it multiplies. Cache
+#   effects also show: a weight that fits in the CPU's caches is not bound by main memory,
+#   so small D can miss or even beat the ideal.
+# - None of this changes the count of Section 1. It says that the count becomes time only
+#   in a kernel that reads the selected rows in place.
+
+# %%
+effic = {(r["D"], r["S"]): (r["dense"] / r["gathered"]) * (1 - r["S"]) for r in rows}
+best = max((k for k in effic if k[1] > 0), key=effic.get)
+print(f"in this run the gathered product reached {effic[best]:.0%} of the ideal at best "
+      f"(D = {best[0]}, S = {best[1]}); at S = 0.5 it reached "
+      + ", ".join(f"{effic[(D, 0.5)]:.0%} (D={D})" for D in Ds))
+slice_effic = {(r["D"], r["S"]): (r["dense"] / r["slice"]) * (1 - r["S"]) for r in rows}
+print("the no-copy slice at S = 0.5 reached "
+      + ", ".join(f"{slice_effic[(D, 0.5)]:.0%} (D={D})" for D in Ds))
+
+# %% [markdown]
+# ## 3. minisparse's decode path, dense and sparse
+#
+# `minisparse/decode.py`, `decode_forward`, runs one new token through the blocks with a
+# key/value cache, and `minisparse/sampling.py`, `generate`, calls it once per token. Every
+# projection goes through `minisparse/linear.py`, `sparse_linear_forward`:
+#
+#     xs, mask = sparsify(x, spec)          # top-K: the mask, then x * mask
+#     ys = [(xs2 @ W.T) ...]                # the FULL dense weight, zeros and all
+#
+# so the sparse path *adds* the top-K selection and reads the whole weight anyway. It is a
+# correct model of Q-Sparse's arithmetic, written for training (batches, where the mask
+# differs per token), not a faster decoder. We time it on a small random-weight model:
+# `spec=SparseSpec(0.0)` is the dense path, `spec=None` uses the model's own sparsity.
+
+# %%
+dcfg = GPTConfig(vocab_size=96, block_size=64, n_layer=2, n_head=4, n_embd=512, sparsity=0.5)
+dparams = init_params(dcfg, seed=0)
+prompt = np.zeros((1, 4), dtype=np.int64)
+n_new = 48
+meters = {"dense": SparsityMeter(), "sparse": SparsityMeter()}
+specs = {"dense": SparseSpec(0.0), "sparse": None}
+
+def run(name):
+    generate(dparams, dcfg, prompt, n_new, temperature=0, spec=specs[name], meter=meters[name])
+
+t_dense, t_sparse = median_times([lambda: run("dense"), lambda: run("sparse")], repeats=5)
+print(f"model: {dcfg.n_layer} layers, n_embd {dcfg.n_embd}, n_hidden {dcfg.n_hidden}, sparsity {dcfg.sparsity}")
+print(f"decode, batch 1: dense {t_dense / n_new * 1e3:.2f} ms/token, sparse {t_sparse / n_new * 1e3:.2f} ms/token "
+      f"(sparse / dense = {t_sparse / t_dense:.2f})")
+print("measured zeros reaching each site, sparse:", {s: round(v, 3) for s, v in meters["sparse"].mean().items()})
+print("measured zeros reaching each site, dense: ", {s: round(v, 3) for s, v in meters["dense"].mean().items()})
+print(f"activated params per token: dense {model.count_params(dcfg):,}, sparse {model.activated_params(dcfg):,}")
+
+# %% [markdown]
+# The sparse decode path does all the work of the dense one (it multiplies the masked input
+# with the full weight, so it reads every weight, the same bytes as dense) *plus* the top-K
+# selection and the masking: it cannot be faster except by timing noise, and the printed
+# ratio is what that extra work costs on this machine. The measured zeros confirm the
+# arithmetic is Q-Sparse's all the same. Note the down projection of the *dense* run: the
+# ReLU²-GLU's own zeros (lesson 02) reach it even with top-K off. Where they are close to
+# half the inputs, as they are in this random-weight model (compare the two printed `down`
+# values), 50% top-K at the down site removes few nonzeros beyond them.
+# How much *could* a gathered decode path save? Time this model's projections for one
+# token, dense and gathered, site by site, and compare with the whole decode step.
+
+# %%
+proj = []
+for site, C_in, O in site_shapes(dcfg):
+    W = rng.standard_normal((O, C_in)).astype(np.float32)
+    W_T = np.ascontiguousarray(W.T)
+    x = rng.standard_normal(C_in).astype(np.float32)
+    K = kept_count(C_in, dcfg.sparsity)
+    proj.append(median_times([lambda: x @ W.T, lambda: gathered_matvec(x, W_T, K),
+                              lambda: x[:K] @ W_T[:K]], 200))
+proj = np.array(proj).sum(axis=0) * dcfg.n_layer           # (dense, gathered, slice) per token
+step = t_dense / n_new
+print(f"per token: the projections take {proj[0] * 1e3:.3f} ms dense, {proj[1] * 1e3:.3f} ms gathered, "
+      f"{proj[2] * 1e3:.3f} ms with no-copy slices")
+print(f"the projections are {proj[0] / step:.0%} of a dense decode step ({step * 1e3:.2f} ms); the rest is "
+      "attention, norms, the LM head and Python")
+
+# %% [markdown]
+# At this size a good part of a decode step is not the projections (the printed share):
+# Python calls, attention, norms, the LM head. And the NumPy gather is slower than the dense
+# product it replaces, so swapping it into `decode_forward` would not help. A faster sparse decode path (gathering the K rows of an input-major copy of each
+# weight, or a compiled kernel that reads them in place) is future work for minisparse;
+# the numbers above bound what it could win at this scale. At the scale of Section 1's
+# 2048-channel shape the projections dominate the bytes per token, which is where the
+# paper's counting applies.
+#
+# ## 4. Check: the derivations equal the package
+#
+# - The gathered product equals the masked dense product of
+#   `minisparse/linear.py`, `sparse_linear_forward`, and the indices chosen by
+#   `argpartition` are exactly `minisparse/topk.py`, `topk_mask` (random floats, no ties).
+# - The count of Section 1 at K = C equals `model.count_params` (N), and at sparsity S
+#   equals `model.activated_params` (N_a), for both configurations.
+
+# %%
+for D in Ds:
+    W = rng.standard_normal((D, D)).astype(np.float32)
+    W_T = np.ascontiguousarray(W.T)
+    x = rng.standard_normal(D).astype(np.float32)
+    for S in Ss:
+        K = kept_count(D, S)
+        mine = gathered_matvec(x, W_T, K)                                     # (O,)
+        (pkg,), _ = sparse_linear_forward(x[None, None, :], [W], SparseSpec(S))  # (1, 1, O)
+        np.testing.assert_allclose(mine, pkg[0, 0], rtol=1e-5, atol=1e-5 * np.abs(pkg).max())
+        my_mask = np.zeros(D, dtype=bool)
+        my_mask[topk_idx(x, K)] = True
+        np.testing.assert_array_equal(my_mask, topk_mask(x[None, :], K)[0])
+for name, c in configs.items():
+    assert sum(v[0] for v in per_token_cost(c, 0.0).values()) == model.count_params(c), name
+    for S in (0.25, 0.5, 0.75, 0.9):
+        sc = dataclasses.replace(c, sparsity=S)
+        assert sum(v[0] for v in per_token_cost(sc, S).values()) == model.activated_params(sc), (name, S)
+print("ok: gathered rows == masked dense product (rtol 1e-5, atol 1e-5·max|y|), "
+      "argpartition's indices == topk_mask, and the counts equal count_params / activated_params")
