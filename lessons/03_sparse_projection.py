@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -46,23 +48,8 @@ from minisparse import model
 rng = np.random.default_rng(0)
 
 
-def rel_error(a, b):
-    """max|a - b| / max(max|a|, max|b|): one number per tensor (the tests' measure)."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    scale = max(np.abs(a).max(initial=0.0), np.abs(b).max(initial=0.0), 1e-300)
-    return float(np.abs(a - b).max(initial=0.0) / scale)
-
-
-def numerical_grad(f, x, h=1e-6):
-    """Centred finite differences of a scalar f() w.r.t. the array x (changed in place, restored)."""
-    grad = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        old = x[i]
-        x[i] = old + h; fp = f()
-        x[i] = old - h; fm = f()
-        x[i] = old
-        grad[i] = (fp - fm) / (2 * h)
-    return grad
+# the same centred finite differences and error measure as the tests use
+from minisparse.gradcheck import numerical_grad, rel_error  # noqa: E402
 
 
 # %% [markdown]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import record
-from gradcheck import numerical_grad, rel_error
+from minisparse.gradcheck import numerical_grad, rel_error
 from minisparse import model
 from minisparse.attention import attention_backward, attention_forward
 from minisparse.embedding import embedding_backward, embedding_forward

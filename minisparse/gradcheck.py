@@ -1,4 +1,6 @@
-"""Helpers for the gradient tests: centred finite differences in float64.
+"""Gradient checking: centred finite differences in float64, used by tests/ and the lessons.
+
+    df/dx[i] ~ (f(x + h e_i) - f(x - h e_i)) / (2 h),   h = 1e-6, error O(h^2)
 
 rel_error(a, b) = max|a - b| / max(max|a|, max|b|): one number per tensor, so a tiny
 entry next to large ones does not dominate, and a wrong sign or factor anywhere shows.
