@@ -15,7 +15,7 @@ so a caller can report the measured sparsity per site.
 
 from .attention import attention_forward
 from .backend import array_module
-from .linear import sparse_linear_forward
+from .linear import sparse_linear_forward, zero_fraction
 from .model import ACTIVATIONS, SITES
 from .norm import rmsnorm_forward
 from .rope import rope_forward
@@ -33,18 +33,20 @@ class KVCache:
 
 
 class SparsityMeter:
-    """Counts the zeros that reached each site's projections, over every decoded token."""
+    """Counts the zeros that reached each site's projections, weighted by tokens: a prefill of
+    many tokens counts as many tokens, not as one call."""
 
     def __init__(self):
         self.zeros = {s: 0.0 for s in SITES}
-        self.calls = {s: 0 for s in SITES}
+        self.tokens = {s: 0 for s in SITES}
 
     def add(self, site, cache):
-        self.zeros[site] += float(cache[4])
-        self.calls[site] += 1
+        n = cache[0].shape[0]                                  # tokens in this call (rows of xs)
+        self.zeros[site] += zero_fraction(cache) * n
+        self.tokens[site] += n
 
     def mean(self):
-        return {s: self.zeros[s] / max(1, self.calls[s]) for s in SITES}
+        return {s: self.zeros[s] / max(1, self.tokens[s]) for s in SITES}
 
 
 def decode_forward(params, cfg, idx, kv, spec=None, meter=None):

@@ -54,6 +54,11 @@ def sparse_linear_forward(x, weights, spec=SparseSpec()):
     return ys, cache
 
 
+def zero_fraction(cache):
+    """The measured sparsity a forward recorded: the fraction of zeros in xs, a Python float."""
+    return float(cache[4])
+
+
 def sparse_linear_backward(dys, cache):
     """[dy_i (B, T, O_i)] -> (dx (B, T, C), [dW_i (O_i, C)])."""
     xs2, mask, weights, spec, _ = cache

@@ -34,7 +34,7 @@ from . import backend
 from .attention import attention_backward, attention_forward
 from .embedding import embedding_backward, embedding_forward
 from .errors import UsageError
-from .linear import SparseSpec, sparse_linear_backward, sparse_linear_forward
+from .linear import SparseSpec, sparse_linear_backward, sparse_linear_forward, zero_fraction
 from .loss import cross_entropy_backward, cross_entropy_forward
 from .nm import check_nm
 from .norm import rmsnorm_backward, rmsnorm_forward
@@ -273,7 +273,7 @@ def backward(params, cfg, caches, dloss=1.0):
 
 def measured_sparsity(cfg, caches):
     """{layer: {site: fraction of zeros that reached that projection}} from a forward's caches."""
-    return {l: {site: float(caches[l][site][4]) for site in SITES} for l in range(cfg.n_layer)}
+    return {l: {site: zero_fraction(caches[l][site]) for site in SITES} for l in range(cfg.n_layer)}
 
 
 def mean_sparsity(cfg, caches):

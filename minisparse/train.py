@@ -16,7 +16,8 @@ and keeps the last good checkpoint.
 
 metrics.jsonl in out_dir gets one JSON object a line: a training line per step
 {"iter", "train_loss", "lr", "tokens_per_s", "grad_norm", "sparsity": {site: zeros}}, and an
-evaluation line {"iter", "eval": true, "train_loss", "val_loss", "sparsity"} every eval_interval.
+evaluation line {"iter", "eval": true, "train_loss", "val_loss", "sparsity"} every eval_interval
+(its sparsity measured on the validation batches).
 """
 
 import json
@@ -136,16 +137,20 @@ def load_run(out_dir):
 
 
 def estimate_loss(params, cfg, data, tc, it):
-    """Mean loss over eval_iters batches of each split, drawn from a generator seeded by (seed, it)."""
+    """Mean loss over eval_iters batches of each split, drawn from a generator seeded by (seed, it),
+    and the sparsity measured on them: {"train": loss, "val": loss, "train_sparsity": {site: zeros}, ...}."""
     out = {}
     for split, ids in data.items():
         rng = np.random.default_rng([tc.seed, it, 0 if split == "train" else 1])
-        losses = []
+        losses, zeros = [], {site: 0.0 for site in model.SITES}
         for _ in range(tc.eval_iters):
             x, y = get_batch(ids, cfg.block_size, tc.batch_size, rng)
-            _, loss, _ = model.forward(params, cfg, backend.asarray(x), backend.asarray(y))
+            _, loss, caches = model.forward(params, cfg, backend.asarray(x), backend.asarray(y))
             losses.append(float(loss))
+            for site, frac in model.mean_sparsity(cfg, caches).items():
+                zeros[site] += frac / tc.eval_iters
         out[split] = sum(losses) / len(losses)
+        out[split + "_sparsity"] = zeros
     return out
 
 
@@ -263,14 +268,14 @@ def train(tc, given=(), progress=True, log=print):
         for it in range(start_iter, tc.max_iters + 1):
             if it % tc.eval_interval == 0 or it == tc.max_iters:
                 losses = estimate_loss(params, cfg, data, tc, it)
-                if not all(math.isfinite(v) for v in losses.values()):
+                if not (math.isfinite(losses["train"]) and math.isfinite(losses["val"])):
                     # never overwrite the last good checkpoint with broken weights
                     raise TrainingDiverged(
                         f"the evaluation loss became {losses['val']} at iter {it}: stopping; the last good "
                         f"checkpoint (iter {last_saved}) is kept in {path}. Try a lower --learning_rate.")
                 last.update(val_loss=losses["val"], eval_train_loss=losses["train"])
                 metrics.write(json.dumps({"iter": it, "eval": True, "train_loss": losses["train"],
-                                          "val_loss": losses["val"], "sparsity": last.get("sparsity")}) + "\n")
+                                          "val_loss": losses["val"], "sparsity": losses["val_sparsity"]}) + "\n")
                 msg = f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                 (bar.write if bar else log)(msg)
                 last_saved = save(it)
