@@ -74,7 +74,7 @@ def main(argv=None):
     except TrainingDiverged as e:
         print(f"train_tiny.py: {e}", file=sys.stderr)
         return 1
-    if s["val_loss"] is not None:
+    if s["val_loss"] is not None and not s["interrupted"]:
         sp = s["sparsity"] or {}
         print(f"done: iter {s['iters']}, val loss {s['val_loss']:.4f}, {s['seconds']:.0f} s; "
               f"measured sparsity " + ", ".join(f"{k} {v:.2f}" for k, v in sp.items()) +
