@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -47,7 +49,6 @@ for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import sys
 sys.path.insert(0, os.path.abspath(".."))
 
-import json
 import time
 import numpy as np
 import matplotlib.pyplot as plt
@@ -58,7 +59,7 @@ from minisparse.relu2 import relu2glu_forward, relu2glu_backward
 from minisparse.swiglu import swiglu_forward, swiglu_backward
 from minisparse.topk import kept_count
 from minisparse.data import load_text, train_tokenizer, split_ids, get_batch
-from minisparse.train import TrainConfig, train, load_run
+from minisparse.train import TrainConfig, load_run, read_metrics, train
 
 t_lesson = time.perf_counter()
 print("numpy", np.__version__)
@@ -305,9 +306,8 @@ def train_small(name, activation, sparsity):
                      eval_iters=5, activation=activation, sparsity=sparsity)
     summary = train(tc, progress=False, log=lambda *a: None)
     params, _, cfg, _, _ = load_run(tc.out_dir)
-    with open(os.path.join(tc.out_dir, "metrics.jsonl")) as f:
-        lines = [json.loads(line) for line in f]
-    curve = [(m["iter"], m["sparsity"]["down"]) for m in lines if not m.get("eval")]
+    steps, _ = read_metrics(tc.out_dir)                      # metrics.jsonl's training lines
+    curve = [(m["iter"], m["sparsity"]["down"]) for m in steps]
     return summary, params, cfg, curve
 
 

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -50,7 +52,7 @@ import numpy as np
 from minisparse import backend, model
 from minisparse.data import get_batch, load_text, split_ids
 from minisparse.topk import kept_count
-from minisparse.train import TrainConfig, estimate_loss, load_run, train
+from minisparse.train import TrainConfig, estimate_loss, load_run, read_metrics, train
 
 # %% [markdown]
 # ## The runs
@@ -90,15 +92,9 @@ print(f"all runs: {time.perf_counter() - t_all:.1f} s")
 # `{"iter", "eval": true, "train_loss", "val_loss", "sparsity"}`. The `sparsity` field is
 # the fraction of zeros that actually reached each of the four projection sites
 # (`minisparse/model.py`, `mean_sparsity`: averaged over the layers).
+# `minisparse/train.py`, `read_metrics`, splits the file into the two kinds of line.
 
 # %%
-def read_metrics(out_dir):
-    """(training lines, evaluation lines) of a run's metrics.jsonl, each a list of dicts."""
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        lines = [json.loads(line) for line in f]
-    return [m for m in lines if not m.get("eval")], [m for m in lines if m.get("eval")]
-
-
 metrics = {name: read_metrics(f"runs/05_{name}") for name in RUNS}
 steps, evals = metrics["s0.5"]
 print("a training line:  ", json.dumps(steps[-1]))

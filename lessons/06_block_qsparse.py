@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -40,7 +42,6 @@ import sys
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.abspath(".."))
 
-import json
 import time
 
 import matplotlib.pyplot as plt
@@ -51,7 +52,7 @@ from minisparse.data import get_batch, load_text, split_ids
 from minisparse.errors import UsageError
 from minisparse.nm import check_nm, nm_forward, nm_mask
 from minisparse.topk import kept_count, topk_mask
-from minisparse.train import TrainConfig, estimate_loss, load_run, train
+from minisparse.train import TrainConfig, estimate_loss, load_run, read_metrics, train
 
 # %% [markdown]
 # ## Two masks for the same 16 tokens
@@ -245,11 +246,6 @@ print(f"all runs: {time.perf_counter() - t_all:.1f} s")
 # to rank runs this close.
 
 # %%
-def read_metrics(out_dir):
-    """(training lines, evaluation lines) of a run's metrics.jsonl, each a list of dicts."""
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        lines = [json.loads(line) for line in f]
-    return [m for m in lines if not m.get("eval")], [m for m in lines if m.get("eval")]
 
 
 def ema(values, alpha=0.05):

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -57,7 +59,6 @@ import codecs
 import dataclasses
 import inspect
 import io
-import json
 import textwrap
 import time
 
@@ -66,7 +67,7 @@ import matplotlib.pyplot as plt
 
 from minisparse import model
 from minisparse.data import load_text, split_ids
-from minisparse.train import TrainConfig, load_run, train
+from minisparse.train import TrainConfig, load_run, read_metrics, train
 
 t_lesson = time.perf_counter()
 quiet = lambda *a, **k: None      # train() logs one line per evaluation; the curves are plotted instead
@@ -175,9 +176,7 @@ print(f"sparse: N_a = {sparse_run['N_a']:,} of N = {sparse_run['N']:,} per token
 
 def eval_curve(out_dir, offset=0):
     """(iters, val losses) from the evaluation lines of a run's metrics.jsonl."""
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        lines = [json.loads(line) for line in f]
-    ev = [m for m in lines if m.get("eval")]
+    _, ev = read_metrics(out_dir)
     return np.array([m["iter"] for m in ev]) + offset, np.array([m["val_loss"] for m in ev])
 
 

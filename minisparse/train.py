@@ -118,6 +118,11 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
+def _diverged(what, value, it, last_saved, path):
+    return TrainingDiverged(f"the {what} became {value} at iter {it}: stopping; the last good checkpoint "
+                            f"(iter {last_saved}) is kept in {path}. Try a lower --learning_rate.")
+
+
 def ckpt_path(out_dir):
     return os.path.join(out_dir, "ckpt.npz")
 
@@ -152,6 +157,13 @@ def estimate_loss(params, cfg, data, tc, it):
         out[split] = sum(losses) / len(losses)
         out[split + "_sparsity"] = zeros
     return out
+
+
+def read_metrics(out_dir):
+    """(training lines, evaluation lines) of a run's metrics.jsonl, each a list of dicts."""
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    return [m for m in lines if not m.get("eval")], [m for m in lines if m.get("eval")]
 
 
 def _read_metrics(path, before_iter):
@@ -270,9 +282,7 @@ def train(tc, given=(), progress=True, log=print):
                 losses = estimate_loss(params, cfg, data, tc, it)
                 if not (math.isfinite(losses["train"]) and math.isfinite(losses["val"])):
                     # never overwrite the last good checkpoint with broken weights
-                    raise TrainingDiverged(
-                        f"the evaluation loss became {losses['val']} at iter {it}: stopping; the last good "
-                        f"checkpoint (iter {last_saved}) is kept in {path}. Try a lower --learning_rate.")
+                    raise _diverged("evaluation loss", losses["val"], it, last_saved, path)
                 last.update(val_loss=losses["val"], eval_train_loss=losses["train"])
                 metrics.write(json.dumps({"iter": it, "eval": True, "train_loss": losses["train"],
                                           "val_loss": losses["val"], "sparsity": losses["val_sparsity"]}) + "\n")
@@ -286,15 +296,11 @@ def train(tc, given=(), progress=True, log=print):
             _, loss, caches = model.forward(params, cfg, backend.asarray(x), backend.asarray(y))
             loss = float(loss)
             if not math.isfinite(loss):
-                raise TrainingDiverged(
-                    f"the training loss became {loss} at iter {it}: stopping; the last good checkpoint "
-                    f"(iter {last_saved}) is kept in {path}. Try a lower --learning_rate or --grad_clip 1.")
+                raise _diverged("training loss", loss, it, last_saved, path)
             grads = model.backward(params, cfg, caches)
             norm = clip_grad_norm(grads, tc.grad_clip)
             if not math.isfinite(norm):
-                raise TrainingDiverged(
-                    f"the gradient norm became {norm} at iter {it}: stopping; the last good checkpoint "
-                    f"(iter {last_saved}) is kept in {path}. Try a lower --learning_rate.")
+                raise _diverged("gradient norm", norm, it, last_saved, path)
             lr = lr_at(it, tc.learning_rate, tc.min_lr, tc.warmup_iters, tc.max_iters)
             opt.step(params, grads, lr)
             sparsity = model.mean_sparsity(cfg, caches)
@@ -318,12 +324,8 @@ def train(tc, given=(), progress=True, log=print):
         if bar:
             bar.close()
         metrics.close()
-    measured = model.activated_params(cfg, _per_layer(cfg, caches)) if tc.max_iters > start_iter else None
+    measured = model.activated_params(cfg, model.measured_sparsity(cfg, caches)) if tc.max_iters > start_iter else None
     return {"iters": last_saved, "interrupted": stopped, "seconds": time.perf_counter() - t_start,
             "val_loss": last.get("val_loss"), "train_loss": last.get("eval_train_loss"),
             "sparsity": last.get("sparsity"), "N": N, "N_a": N_a, "N_a_measured": measured,
             "checkpoint": path}
-
-
-def _per_layer(cfg, caches):
-    return model.measured_sparsity(cfg, caches)

@@ -12,7 +12,6 @@ Most checks call `train_tiny.main(argv)` / `generate.main(argv)` in-process (fas
 run the real command line in a subprocess, `--key=value` syntax and `--help` included.
 """
 
-import json
 import os
 import shutil
 import signal
@@ -30,6 +29,7 @@ from minisparse import train as mtrain
 from minisparse.checkpoint import load_checkpoint, save_checkpoint
 from minisparse.data import load_text, split_ids
 from minisparse.schedule import lr_at
+from minisparse.train import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,15 +70,11 @@ def assert_one_sentence(rc, err, prog, *needles, code=2):
     return msg
 
 
-def read_metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def losses(metrics):
+def losses(out_dir):
     """(per-step training losses with their lr, eval losses): what an exact resume must reproduce."""
-    steps = [(m["iter"], m["train_loss"], m["lr"], m["sparsity"]) for m in metrics if not m.get("eval")]
-    evals = [(m["iter"], m["train_loss"], m["val_loss"]) for m in metrics if m.get("eval")]
+    step_lines, eval_lines = read_metrics(out_dir)
+    steps = [(m["iter"], m["train_loss"], m["lr"], m["sparsity"]) for m in step_lines]
+    evals = [(m["iter"], m["train_loss"], m["val_loss"]) for m in eval_lines]
     return steps, evals
 
 
@@ -156,7 +152,7 @@ def test_training_writes_checkpoint_and_metrics(sparse_run):
     cfg = model.GPTConfig.from_dict(meta["model"])
     assert {k: v.shape for k, v in params.items()} == model.param_shapes(cfg)
     assert not os.path.exists(ckpt(sparse_run) + ".tmp"), "the atomic save left its .tmp file behind"
-    steps, evals = losses(read_metrics(sparse_run))
+    steps, evals = losses(sparse_run)
     assert [s[0] for s in steps] == list(range(8))
     assert [e[0] for e in evals] == [0, 4, 8]
     assert evals[-1][2] < evals[0][2], "8 steps at lr 1e-2 did not lower the validation loss"
@@ -181,8 +177,8 @@ def test_interrupted_and_resumed_run_equals_one_that_never_stopped(corpus, tmp_p
     rc, out, _ = call(train_tiny, ["--resume", "--out_dir", b, "--max_iters", 8], capsys)
     assert rc == 0 and "done: iter 8" in out
 
-    steps_a, evals_a = losses(read_metrics(a))
-    steps_b, evals_b = losses(read_metrics(b))
+    steps_a, evals_a = losses(a)
+    steps_b, evals_b = losses(b)
     assert steps_b == steps_a                     # exact: every training loss, lr and sparsity
     assert evals_b == evals_a                     # exact: every eval loss
     pa, oa, ma = load_checkpoint(ckpt(a))
@@ -210,7 +206,7 @@ def test_bare_resume_keeps_the_runs_max_iters(corpus, tmp_path, capsys, monkeypa
     assert rc == 0
     meta = load_checkpoint(ckpt(b))[2]
     assert meta["iter"] == 4
-    lr3 = [m["lr"] for m in read_metrics(b) if m["iter"] == 3 and not m.get("eval")]
+    lr3 = [m["lr"] for m in read_metrics(b)[0] if m["iter"] == 3]
     assert meta["train"]["max_iters"] == 8 and lr3 == [lr_at(3, 2e-3, 2e-4, 2, 8)], (
         f"BUG: a bare --resume set max_iters to {meta['train']['max_iters']} (the TrainConfig default), "
         "not the resumed run's 8, so the cosine schedule (and the length) of the run changed; "
@@ -250,7 +246,7 @@ def test_continue_training_starts_from_the_dense_weights(corpus, dense_run, tmp_
     train_ids, val_ids = split_ids(tok.encode(load_text(str(corpus))))
     data = {"train": train_ids, "val": val_ids}
     expected = mtrain.estimate_loss(src_params, cfg, data, tc, 0)
-    first = [m for m in read_metrics(other) if m.get("eval")][0]
+    first = read_metrics(other)[1][0]
     assert first["iter"] == 0
     assert (first["train_loss"], first["val_loss"]) == (expected["train"], expected["val"])
     # ... and not a fresh initialisation, nor the dense model left dense
@@ -307,7 +303,7 @@ def test_diverging_run_exits_1_and_keeps_the_last_good_checkpoint(corpus, tmp_pa
     assert "Traceback" not in err
     msgs = [l for l in err.splitlines() if l.startswith("train_tiny.py: ")]
     assert len(msgs) == 1 and "became" in msgs[0], err
-    evals = [m for m in read_metrics(d) if m.get("eval")]
+    evals = read_metrics(d)[1]
     params, _, meta = load_checkpoint(ckpt(d))
     assert meta["iter"] == evals[-1]["iter"] == 0
     assert f"iter {meta['iter']}" in msgs[0] and ckpt(d) in msgs[0]
@@ -547,7 +543,7 @@ def test_cli_train_and_generate_with_key_equals_value(corpus, tmp_path):
     _, _, meta = load_checkpoint(ckpt(out_dir))
     assert meta["model"]["sparsity"] == 0.25 and meta["train"]["max_iters"] == 8
     assert not os.path.exists(ckpt(out_dir) + ".tmp")
-    assert len([m for m in read_metrics(out_dir) if not m.get("eval")]) == 8
+    assert len(read_metrics(out_dir)[0]) == 8
 
     r = cli("generate.py", f"--out_dir={out_dir}", "--prompt=the dog", "--max_new_tokens=12")
     assert r.returncode == 0, r.stderr
