@@ -1,0 +1,154 @@
+"""The scaling-law sweep: a grid of tiny models (sizes x sparsities), equal tokens for every run.
+
+    python experiments/scaling_sweep.py                 # the committed grid, about an hour on 2 cores
+    python experiments/scaling_sweep.py --plot          # fit the law to the CSV and draw the figure
+
+Each run trains with minisparse.train (the loop behind train_tiny.py) in OUT/RUN_NAME and,
+when it finishes, appends one row to the CSV: the model's size and sparsity, N and N_a
+(model.count_params / activated_params), the final validation loss, tokens and seconds.
+The sweep is resumable: a run that has its row is skipped, and a run that was stopped
+halfway (Ctrl-C, or a killed process) continues from its last checkpoint (--resume).
+Ctrl-C stops the run in flight cleanly and then the sweep.
+"""
+
+import argparse
+import csv
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from minisparse import model, scaling                      # noqa: E402
+from minisparse.errors import UsageError                    # noqa: E402
+from minisparse.train import TrainConfig, train             # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# (n_layer, n_embd, n_head): head size 32; N = 106k, 221k, 602k, 1.27M projection weights (12x)
+SIZES = [(2, 64, 2), (2, 96, 3), (3, 128, 4), (4, 160, 5)]
+SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.6, 0.7, 0.8]
+COLUMNS = ["run", "n_layer", "n_embd", "N", "N_a", "N_a_measured", "S", "measured_sparsity",
+           "val_loss", "train_loss", "tokens", "seconds"]
+
+
+def run_name(n_layer, n_embd, S):
+    return f"L{n_layer}-C{n_embd}-S{S:g}"
+
+
+def read_rows(path):
+    """The CSV's rows as dicts of numbers (run names stay strings); [] when there is no file."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in COLUMNS[1:]:
+            r[k] = float(r[k])
+    return rows
+
+
+def append_row(path, row):
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            w.writeheader()
+        w.writerow(row)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def sweep(args):
+    done = {r["run"] for r in read_rows(args.csv)}
+    grid = [(L, C, H, S) for (L, C, H) in SIZES for S in SPARSITIES]
+    print(f"{len(grid)} runs, {len(done)} already in {args.csv}; {args.max_iters} steps x "
+          f"{args.batch_size} x {args.block_size} = {args.max_iters * args.batch_size * args.block_size:,} tokens each")
+    for i, (L, C, H, S) in enumerate(grid):
+        name = run_name(L, C, S)
+        if name in done:
+            continue
+        out = os.path.join(args.out_dir, name)
+        resume = os.path.exists(os.path.join(out, "ckpt.npz"))
+        tc = TrainConfig(out_dir=out, n_layer=L, n_embd=C, n_head=H, sparsity=S,
+                         block_size=args.block_size, batch_size=args.batch_size, max_iters=args.max_iters,
+                         eval_interval=args.eval_interval, eval_iters=args.eval_iters, data=args.data,
+                         resume=resume)
+        print(f"[{i + 1}/{len(grid)}] {name}{' (resuming)' if resume else ''}", flush=True)
+        t0 = time.perf_counter()
+        res = train(tc, given=("out_dir", "resume", "max_iters") if resume else (), progress=not args.quiet,
+                    log=lambda m: None)
+        if res["interrupted"]:
+            print(f"stopped: {name} is saved and will resume on the next call.")
+            return False
+        N, N_a = res["N"], res["N_a"]
+        measured = res["N_a_measured"]
+        append_row(args.csv, {
+            "run": name, "n_layer": L, "n_embd": C, "N": N, "N_a": N_a,
+            "N_a_measured": measured, "S": S, "measured_sparsity": round(1 - measured / N, 4),
+            "val_loss": round(res["val_loss"], 5), "train_loss": round(res["train_loss"], 5),
+            "tokens": args.max_iters * args.batch_size * args.block_size,
+            "seconds": round(time.perf_counter() - t0, 1)})
+        print(f"    val loss {res['val_loss']:.4f}, {time.perf_counter() - t0:.0f} s", flush=True)
+    return True
+
+
+def plot(args):
+    """Fit the law to the CSV and draw loss against N_a for each S, with the fitted curves."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    rows = read_rows(args.csv)
+    if not rows:
+        raise UsageError(f"{args.csv!r} has no runs yet: run the sweep first.")
+    N, S, Lv = (np.array([r[k] for r in rows]) for k in ("N", "S", "val_loss"))
+    fit = scaling.fit_law(N, S, Lv)
+    s_star = scaling.optimal_sparsity(*(fit[k] for k in scaling.NAMES))
+    print("fit: " + ", ".join(f"{k} {fit[k]:.4g}" for k in scaling.NAMES) + f"; S* = {s_star:.4f}")
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    grid = np.geomspace(N.min() * 0.1, N.max() * 1.2, 200)
+    for j, s in enumerate(sorted(set(S))):
+        sel = S == s
+        color = plt.cm.viridis(j / max(1, len(set(S)) - 1))
+        ax.scatter(N[sel] * (1 - s), Lv[sel], color=color, s=18, label=f"S = {s:g}")
+        n_a = grid * (1 - s)
+        ok = n_a >= (N.min() * (1 - s)) * 0.9
+        ax.plot(n_a[ok], scaling.law_at_budget(n_a[ok], s, *(fit[k] for k in scaling.NAMES)), color=color, lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("activated parameters per token, N_a")
+    ax.set_ylabel("validation loss (nats/char)")
+    ax.set_title(f"scaling sweep: fitted law, S* = {s_star:.1%}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.png, dpi=110)
+    print(f"wrote {args.png}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out_dir", default="out-scaling", help="where each run's checkpoint goes")
+    p.add_argument("--csv", default=os.path.join(HERE, "scaling", "sweep.csv"))
+    p.add_argument("--png", default=os.path.join(HERE, "scaling", "sweep.png"))
+    p.add_argument("--data", default="pydoc")
+    p.add_argument("--max_iters", type=int, default=1500)
+    p.add_argument("--batch_size", type=int, default=12)
+    p.add_argument("--block_size", type=int, default=64)
+    p.add_argument("--eval_interval", type=int, default=500)
+    p.add_argument("--eval_iters", type=int, default=40)
+    p.add_argument("--plot", action="store_true", help="fit the law to the CSV and draw it; train nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
+        if args.plot:
+            plot(args)
+        elif sweep(args):
+            print(f"sweep complete: {args.csv}")
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
