@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from minisparse import backend, model
-from minisparse.decode import SparsityMeter
+from minisparse import backend, model, rowsparse
+from minisparse.decode import DecodeWeights, SparsityMeter
 from minisparse.errors import UsageError
 from minisparse.linear import SparseSpec
 from minisparse.sampling import generate
@@ -34,6 +34,10 @@ def build_parser():
     p.add_argument("--device", default="cpu", help="'cpu' (NumPy) or 'gpu' (CuPy)")
     p.add_argument("--sparsity", type=float, default=None,
                    help="override the trained sparsity at inference; 0 = dense fallback (default: as trained)")
+    p.add_argument("--kernel", default="auto", choices=("auto", "numba", "chunked", "gather", "masked"),
+                   help="how a sparse projection is computed when decoding: read only the selected weight "
+                        "rows (auto = numba if installed, else chunked NumPy), or 'masked' = the full dense "
+                        "product of the masked input, as in training")
     return p
 
 
@@ -52,9 +56,13 @@ def run(args):
     ids = tok.encode(args.prompt)
     prompt = np.array([ids] * args.num_samples, dtype=np.int64)
     meter = SparsityMeter()
+    if args.kernel == "numba" and rowsparse.numba is None:
+        raise UsageError("--kernel numba needs the optional package numba (pip install numba); "
+                         "--kernel auto uses it when it is there and NumPy otherwise.")
+    fast = None if spec.dense or args.kernel == "masked" else DecodeWeights(params, cfg, args.kernel)
     t0 = time.perf_counter()
     out = generate(params, cfg, prompt, args.max_new_tokens, args.temperature, args.top_k or None,
-                   np.random.default_rng(args.seed), spec, meter)
+                   np.random.default_rng(args.seed), spec, meter, fast)
     dt = time.perf_counter() - t0
     for i, row in enumerate(out):
         if args.num_samples > 1:

@@ -9,8 +9,18 @@ The same equations as model.forward, for the Tq new tokens at positions pos .. p
 
 The first call (the prompt, "prefill") passes many tokens; every later call passes one.
 `spec` overrides the trained sparsity: SparseSpec(0.0) is the dense fallback, for
-inputs unlike the training data. The zeros that reached each projection are counted,
-so a caller can report the measured sparsity per site.
+inputs unlike the training data: it is the plain product x @ W^T. The zeros that reached
+each projection are counted, so a caller can report the measured sparsity per site.
+
+Where the saving is real (rowsparse.py): with `fast = DecodeWeights(params, cfg)`, each
+sparsified projection of a call with at most `fast.max_rows` tokens reads only the rows of
+its input-major weight Wt = [W_1^T ... W_n^T] that its input selected:
+
+    xs = sparsify(x)            one token: (D,)
+    idx = nonzero(xs)           the top-K indices, less any that were already 0 (ReLU2's)
+    y = xs[idx] @ Wt[idx]       (sum O_i,), then split into y_1 .. y_n
+
+Prefill batches (more tokens than max_rows) take the masked dense product, as training does.
 """
 
 from .attention import attention_forward
@@ -19,6 +29,12 @@ from .linear import sparse_linear_forward, zero_fraction
 from .model import ACTIVATIONS, SITES
 from .norm import rmsnorm_forward
 from .rope import rope_forward
+from .rowsparse import input_major, rows_matvec
+from .linear import sparsify
+
+# the weights of each site's projection, in the order their outputs are used
+SITE_WEIGHTS = {"qkv": ("attn.wq", "attn.wk", "attn.wv"), "o": ("attn.wo",),
+                "up_gate": ("ffn.w_up", "ffn.w_gate"), "down": ("ffn.w_down",)}
 
 
 class KVCache:
@@ -40,17 +56,52 @@ class SparsityMeter:
         self.zeros = {s: 0.0 for s in SITES}
         self.tokens = {s: 0 for s in SITES}
 
-    def add(self, site, cache):
-        n = cache[0].shape[0]                                  # tokens in this call (rows of xs)
-        self.zeros[site] += zero_fraction(cache) * n
+    def add(self, site, n, zero_frac):
+        """n tokens reached `site` with this fraction of zeros in their inputs."""
+        self.zeros[site] += zero_frac * n
         self.tokens[site] += n
 
     def mean(self):
         return {s: self.zeros[s] / max(1, self.tokens[s]) for s in SITES}
 
 
-def decode_forward(params, cfg, idx, kv, spec=None, meter=None):
-    """idx (B, Tq) new tokens after kv.length cached ones -> logits (B, Tq, V); kv grows by Tq."""
+class DecodeWeights:
+    """Every sparsified projection's weights stored input-major, Wt (D, sum O_i), for rowsparse.
+
+    A copy: it doubles the projection weights' memory while decoding. `method` picks the
+    row-sparse kernel (rowsparse.METHODS; 'auto' = numba if installed, else NumPy)."""
+
+    def __init__(self, params, cfg, method="auto", max_rows=4):
+        self.method, self.max_rows = method, max_rows
+        self.wt = {}
+        for l in range(cfg.n_layer):
+            for site, names in SITE_WEIGHTS.items():
+                Ws = [params[f"h.{l}.{n}"] for n in names]
+                self.wt[l, site] = (input_major(Ws), [W.shape[0] for W in Ws])
+
+
+def _rowsparse_projection(x, wt, sizes, spec, method):
+    """x (B, T, D) -> [y_i (B, T, O_i)], zero fraction: each token reads only its selected rows of wt."""
+    B, T, D = x.shape
+    xp = array_module(x)
+    xs, _ = sparsify(x.reshape(B * T, D), spec)                             # (N, D)
+    y = xp.empty((B * T, wt.shape[1]), dtype=x.dtype)
+    nonzero = 0
+    for n in range(B * T):
+        idx = xp.flatnonzero(xs[n])                                         # (K',) K' <= K
+        nonzero += idx.shape[0]
+        y[n] = rows_matvec(xs[n, idx], idx, wt, method)
+    ys, start = [], 0
+    for O in sizes:
+        ys.append(y[:, start:start + O].reshape(B, T, O))
+        start += O
+    return ys, 1.0 - nonzero / (B * T * D)
+
+
+def decode_forward(params, cfg, idx, kv, spec=None, meter=None, fast=None):
+    """idx (B, Tq) new tokens after kv.length cached ones -> logits (B, Tq, V); kv grows by Tq.
+
+    fast: a DecodeWeights of these params, to read only the selected weight rows (see above)."""
     B, Tq = idx.shape
     C, H = cfg.n_embd, cfg.n_head
     hs = C // H
@@ -59,15 +110,23 @@ def decode_forward(params, cfg, idx, kv, spec=None, meter=None):
         raise ValueError(f"the cache holds {cfg.block_size} positions; {pos} + {Tq} do not fit")
     spec = cfg.spec if spec is None else spec
     act_forward = ACTIVATIONS[cfg.activation][0]
-    record = meter.add if meter is not None else (lambda site, cache: None)
+    rowsparse = fast is not None and not spec.dense and B * Tq <= fast.max_rows
+
+    def project(l, site, x):
+        if rowsparse:
+            ys, zero_frac = _rowsparse_projection(x, *fast.wt[l, site], spec, fast.method)
+        else:
+            ys, c = sparse_linear_forward(x, [params[f"h.{l}.{n}"] for n in SITE_WEIGHTS[site]], spec)
+            zero_frac = zero_fraction(c)
+        if meter is not None:
+            meter.add(site, B * Tq, zero_frac)
+        return ys
 
     x = params["wte"][idx]                                                  # (B, Tq, C)
     for l in range(cfg.n_layer):
         p = f"h.{l}."
         h, _ = rmsnorm_forward(x, params[p + "attn_norm"], cfg.norm_eps)
-        (q, k, v), c = sparse_linear_forward(
-            h, [params[p + "attn.wq"], params[p + "attn.wk"], params[p + "attn.wv"]], spec)
-        record("qkv", c)
+        q, k, v = project(l, "qkv", h)
         q, k, v = (t.reshape(B, Tq, H, hs).transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H, Tq, hs)
         q, _ = rope_forward(q, cfg.rope_base, offset=pos)
         k, _ = rope_forward(k, cfg.rope_base, offset=pos)
@@ -75,15 +134,12 @@ def decode_forward(params, cfg, idx, kv, spec=None, meter=None):
         kv.v[l][:, :, pos:pos + Tq] = v
         a, _ = attention_forward(q, kv.k[l][:, :, :pos + Tq], kv.v[l][:, :, :pos + Tq])
         a = a.transpose(0, 2, 1, 3).reshape(B, Tq, C)                       # (B, Tq, C)
-        (o,), c = sparse_linear_forward(a, [params[p + "attn.wo"]], spec)
-        record("o", c)
+        (o,) = project(l, "o", a)
         x = x + o
         h, _ = rmsnorm_forward(x, params[p + "ffn_norm"], cfg.norm_eps)
-        (u, g), c = sparse_linear_forward(h, [params[p + "ffn.w_up"], params[p + "ffn.w_gate"]], spec)
-        record("up_gate", c)
+        u, g = project(l, "up_gate", h)
         m, _ = act_forward(u, g)
-        (f,), c = sparse_linear_forward(m, [params[p + "ffn.w_down"]], spec)
-        record("down", c)
+        (f,) = project(l, "down", m)
         x = x + f
     kv.length = pos + Tq
     h, _ = rmsnorm_forward(x, params["norm_f"], cfg.norm_eps)

@@ -9,11 +9,14 @@ The loop prefills the prompt into the key/value cache, then feeds one token at a
 block_size // 2 tokens (a sliding window), so generation can run past block_size.
 """
 
+import contextlib
+
 import numpy as np
 
 from .backend import array_module, to_numpy
 from .decode import SparsityMeter, decode_forward, new_cache
 from .errors import UsageError
+from .rowsparse import quiet_blas
 
 
 def sample_next(logits, temperature, top_k, rng):
@@ -33,8 +36,10 @@ def sample_next(logits, temperature, top_k, rng):
 
 
 def generate(params, cfg, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, rng=None,
-             spec=None, meter=None):
-    """prompt_ids (B, T0) ints -> (B, T0 + max_new_tokens) ints, as a NumPy array."""
+             spec=None, meter=None, fast=None):
+    """prompt_ids (B, T0) ints -> (B, T0 + max_new_tokens) ints, as a NumPy array.
+
+    fast: a decode.DecodeWeights, to read only the selected weight rows (decode.py)."""
     if not temperature >= 0:                      # also rejects nan
         raise UsageError(f"temperature {temperature!r} is not allowed: it must be >= 0 (0 = greedy).")
     if max_new_tokens < 0:
@@ -45,15 +50,22 @@ def generate(params, cfg, prompt_ids, max_new_tokens, temperature=1.0, top_k=Non
     if out.shape[1] == 0:
         raise UsageError("the prompt is empty: give at least one token of text.")
     xp = array_module(params["wte"])
+    quiet = quiet_blas(fast.method) if fast is not None and xp is np else contextlib.nullcontext()
+    with quiet:                                   # see rowsparse.quiet_blas
+        out = _decode_loop(params, cfg, out, max_new_tokens, temperature, top_k, rng, spec, meter, fast, xp)
+    return out
+
+
+def _decode_loop(params, cfg, out, max_new_tokens, temperature, top_k, rng, spec, meter, fast, xp):
     kv = None
     for _ in range(max_new_tokens):
         if kv is None or kv.length == cfg.block_size:
             # (re)fill the cache with the most recent context
             keep = cfg.block_size if kv is None else cfg.block_size // 2
             kv = new_cache(params, cfg, out.shape[0])
-            logits = decode_forward(params, cfg, xp.asarray(out[:, -keep:]), kv, spec, meter)
+            logits = decode_forward(params, cfg, xp.asarray(out[:, -keep:]), kv, spec, meter, fast)
         else:
-            logits = decode_forward(params, cfg, xp.asarray(out[:, -1:]), kv, spec, meter)
+            logits = decode_forward(params, cfg, xp.asarray(out[:, -1:]), kv, spec, meter, fast)
         nxt = sample_next(to_numpy(logits[:, -1, :]), temperature, top_k, rng)
         out = np.concatenate([out, nxt[:, None]], axis=1)
     return out

@@ -24,7 +24,7 @@ import pytest
 
 import generate
 import train_tiny
-from minisparse import checkpoint, model
+from minisparse import checkpoint, model, rowsparse
 from minisparse import train as mtrain
 from minisparse.checkpoint import load_checkpoint, save_checkpoint
 from minisparse.data import load_text, split_ids
@@ -291,6 +291,25 @@ def test_generate_is_repeatable(sparse_run, capsys):
     assert sample("--temperature", 1, "--seed", 7) != sample("--temperature", 1, "--seed", 8)
     two = sample("--num_samples", 2)
     assert "sample 1" in two and "sample 2" in two
+
+
+@pytest.mark.parametrize("kernel", ["masked", "gather", "chunked"] + (["numba"] if rowsparse.numba else []))
+def test_generate_kernels_give_the_same_greedy_text(kernel, sparse_run, capsys):
+    """Every --kernel computes the same projections (to float32 rounding): greedy text agrees."""
+    def greedy(k):
+        rc, out, err = call(generate, ["--out_dir", sparse_run, "--prompt", "the ", "--max_new_tokens", 40,
+                                       "--temperature", 0, "--kernel", k], capsys)
+        assert rc == 0, err
+        return out, err
+    (want, _), (got, err) = greedy("masked"), greedy(kernel)
+    assert got == want
+    assert "measured sparsity per site: qkv 0.50" in err
+
+
+def test_generate_numba_kernel_without_numba_is_one_sentence(sparse_run, capsys, monkeypatch):
+    monkeypatch.setattr(rowsparse, "numba", None)
+    rc, _, err = call(generate, ["--out_dir", sparse_run, "--prompt", "the", "--kernel", "numba"], capsys)
+    assert_one_sentence(rc, err, "generate.py", "numba", "pip install numba")
 
 
 # ----------------------------------------------------------------------------- divergence and atomic saves

@@ -1,0 +1,35 @@
+"""One line naming the machine a benchmark ran on: CPU model, cores, library versions, threads."""
+
+import os
+import platform
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe(device="cpu"):
+    import numpy as np
+    parts = [f"{cpu_name()}, {os.cpu_count()} cores", f"numpy {np.__version__}"]
+    try:
+        from threadpoolctl import threadpool_info
+        blas = [f"{i['internal_api']} {i.get('version')} ({i['num_threads']} threads)"
+                for i in threadpool_info() if i["user_api"] == "blas"]
+        parts += blas
+    except ImportError:
+        pass
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_CORETYPE"):
+        if os.environ.get(var):
+            parts.append(f"{var}={os.environ[var]}")
+    if device == "gpu":
+        import cupy
+        props = cupy.cuda.runtime.getDeviceProperties(0)
+        parts.append(f"GPU {props['name'].decode()}, cupy {cupy.__version__}")
+    return "; ".join(parts)

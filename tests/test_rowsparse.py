@@ -1,0 +1,135 @@
+"""Sparse decoding (minisparse/rowsparse.py, decode.DecodeWeights): every faster path equals the reference.
+
+The reference is `vals @ Wt[idx]`; it equals the masked dense product xs @ W^T. The chunked
+NumPy path, the numba kernel (where numba is installed) and the CuPy kernel (where a GPU is)
+must agree with it to float32 rounding, and a decode with DecodeWeights must give the logits
+of the ordinary decode path."""
+
+import numpy as np
+import pytest
+
+from minisparse import model, rowsparse
+from minisparse.decode import DecodeWeights, SparsityMeter, decode_forward, new_cache
+from minisparse.linear import SparseSpec
+from minisparse.sampling import generate
+
+CPU_METHODS = ["gather", "chunked"] + (["numba"] if rowsparse.numba is not None else [])
+
+
+def has_gpu():
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def case(D, O, K, seed=0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    W = [rng.standard_normal((o, D)).astype(dtype) for o in O]
+    x = rng.standard_normal(D).astype(dtype)
+    idx = np.sort(rng.choice(D, size=K, replace=False)).astype(np.int64)
+    return W, x, idx
+
+
+def test_input_major_layout():
+    W, _, _ = case(5, (3, 4), 2)
+    Wt = rowsparse.input_major(W)
+    assert Wt.shape == (5, 7) and Wt.flags.c_contiguous
+    np.testing.assert_array_equal(Wt, np.concatenate([W[0].T, W[1].T], axis=1))
+
+
+def test_gather_reference_equals_masked_dense_product():
+    W, x, idx = case(64, (48, 16), 20, dtype=np.float64)
+    xs = np.zeros_like(x)
+    xs[idx] = x[idx]
+    dense = np.concatenate([xs @ w.T for w in W])
+    np.testing.assert_allclose(rowsparse.rows_matvec_gather(x[idx], idx, rowsparse.input_major(W)), dense,
+                               rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("method", CPU_METHODS)
+@pytest.mark.parametrize("D,O,K", [(64, (96,), 0), (64, (96,), 1), (64, (96,), 3), (64, (96,), 64),
+                                   (256, (333, 77), 129), (512, (1536,), 256), (100, (4097,), 37)])
+def test_cpu_methods_equal_reference(method, D, O, K):
+    W, x, idx = case(D, O, K, seed=K)
+    Wt = rowsparse.input_major(W)
+    ref = rowsparse.rows_matvec_gather(x[idx], idx, Wt)
+    got = rowsparse.rows_matvec(x[idx], idx, Wt, method)
+    assert got.shape == (sum(O),) and got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * max(1.0, np.sqrt(K)))
+
+
+def test_chunked_with_chunk_not_dividing_k():
+    W, x, idx = case(128, (200,), 70, seed=5)
+    Wt = rowsparse.input_major(W)
+    np.testing.assert_allclose(rowsparse.rows_matvec_chunked(x[idx], idx, Wt, chunk=16),
+                               rowsparse.rows_matvec_gather(x[idx], idx, Wt), rtol=1e-5, atol=1e-4)
+
+
+def test_unknown_method():
+    W, x, idx = case(8, (4,), 2)
+    with pytest.raises(ValueError, match="not one of"):
+        rowsparse.rows_matvec(x[idx], idx, rowsparse.input_major(W), "fast")
+
+
+@pytest.mark.parametrize("method", CPU_METHODS)
+@pytest.mark.parametrize("sparsity,nm,activation", [(0.5, None, "relu2"), (0.75, None, "swiglu"),
+                                                    (0.0, (2, 4), "relu2")])
+def test_decode_with_rowsparse_equals_masked_decode(method, sparsity, nm, activation):
+    cfg = model.GPTConfig(vocab_size=13, block_size=12, n_layer=2, n_head=2, n_embd=32,
+                          activation=activation, sparsity=sparsity, nm=nm)
+    params = model.init_params(cfg, seed=4)                                   # float32
+    fast = DecodeWeights(params, cfg, method)
+    idx = np.random.default_rng(2).integers(0, 13, (1, 12))
+    kv_a, kv_b = new_cache(params, cfg, 1), new_cache(params, cfg, 1)
+    meter_a, meter_b = SparsityMeter(), SparsityMeter()
+    a = [decode_forward(params, cfg, idx[:, :5], kv_a, meter=meter_a)]          # prefill: masked path
+    b = [decode_forward(params, cfg, idx[:, :5], kv_b, meter=meter_b, fast=fast)]
+    for t in range(5, 12):
+        a.append(decode_forward(params, cfg, idx[:, t:t + 1], kv_a, meter=meter_a))
+        b.append(decode_forward(params, cfg, idx[:, t:t + 1], kv_b, meter=meter_b, fast=fast))
+    np.testing.assert_allclose(np.concatenate(b, 1), np.concatenate(a, 1), rtol=1e-4, atol=1e-5)
+    for site in meter_a.mean():                   # the same zeros were counted, ReLU2's included
+        assert meter_b.mean()[site] == pytest.approx(meter_a.mean()[site], abs=1e-12)
+
+
+def test_rowsparse_reads_fewer_rows_than_k_when_inputs_are_zero(monkeypatch):
+    """ReLU2's own zeros are skipped: the down projection reads only the nonzero inputs."""
+    cfg = model.GPTConfig(vocab_size=13, block_size=8, n_layer=1, n_head=2, n_embd=32, sparsity=0.25)
+    params = model.init_params(cfg, seed=1)
+    seen = []
+    orig = rowsparse.rows_matvec
+
+    def spy(vals, idx, Wt, method="auto"):
+        seen.append((Wt.shape, idx.shape[0], int(np.count_nonzero(vals))))
+        return orig(vals, idx, Wt, method)
+    monkeypatch.setattr("minisparse.decode.rows_matvec", spy)
+    decode_forward(params, cfg, np.array([[3]]), new_cache(params, cfg, 1), fast=DecodeWeights(params, cfg))
+    K = 32 - round(0.25 * 32)
+    by_rows = {shape[0]: (n, nz) for shape, n, nz in seen}
+    assert by_rows[32][0] == K                                                  # qkv, o, up_gate: K rows
+    assert all(n == nz for n, nz in by_rows.values())                         # every row read has a nonzero input
+    assert by_rows[cfg.n_hidden][0] < cfg.n_hidden - round(0.25 * cfg.n_hidden)  # down: fewer than K
+
+
+def test_dense_spec_never_takes_the_rowsparse_path():
+    cfg = model.GPTConfig(vocab_size=13, block_size=8, n_layer=1, n_head=2, n_embd=16, sparsity=0.5)
+    params = model.init_params(cfg, seed=1)
+    fast = DecodeWeights(params, cfg, method="no-such-kernel")                 # would raise if used
+    got = generate(params, cfg, np.array([[1, 2]]), 5, temperature=0, spec=SparseSpec(0.0), fast=fast)
+    want = generate(params, cfg, np.array([[1, 2]]), 5, temperature=0, spec=SparseSpec(0.0))
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="not one of"):
+        generate(params, cfg, np.array([[1, 2]]), 5, temperature=0, fast=fast)
+
+
+@pytest.mark.skipif(not has_gpu(), reason="needs CuPy and a CUDA device")
+@pytest.mark.parametrize("D,O,K", [(64, 96, 0), (64, 96, 3), (512, 1536, 256), (100, 4097, 37), (2048, 6144, 1024)])
+def test_cuda_kernel_equals_reference(D, O, K):
+    import cupy
+    W, x, idx = case(D, (O,), K, seed=K)
+    Wt = rowsparse.input_major(W)
+    ref = rowsparse.rows_matvec_gather(x[idx], idx, Wt)
+    got = rowsparse.rows_matvec(cupy.asarray(x[idx]), cupy.asarray(idx), cupy.asarray(Wt))
+    np.testing.assert_allclose(cupy.asnumpy(got), ref, rtol=1e-5, atol=1e-5 * max(1.0, np.sqrt(K)))
