@@ -19,7 +19,7 @@ actually reached the projection (top-K zeros plus any zeros already in x, e.g. R
 from dataclasses import dataclass
 
 from .nm import nm_forward
-from .topk import kept_count, topk_backward, topk_forward
+from .topk import kept_count, topk_backward, topk_forward, topk_values
 
 
 @dataclass(frozen=True)
@@ -35,12 +35,15 @@ class SparseSpec:
 
 
 def sparsify(x, spec):
-    """xs, mask = the sparsified input and its mask (mask is None when dense)."""
+    """xs, mask = the sparsified input and its mask (None when dense, or top-K with the STE: unneeded)."""
     if spec.nm is not None:
         return nm_forward(x, spec.nm[0], spec.nm[1])
     if spec.sparsity == 0.0:
         return x, None
-    return topk_forward(x, kept_count(x.shape[-1], spec.sparsity))
+    k = kept_count(x.shape[-1], spec.sparsity)
+    if spec.ste:
+        return topk_values(x, k), None          # the STE backward needs no mask (topk.py)
+    return topk_forward(x, k)
 
 
 def sparse_linear_forward(x, weights, spec=SparseSpec()):

@@ -8,7 +8,7 @@ import pytest
 from minisparse.errors import UsageError
 from minisparse.linear import SparseSpec, sparse_linear_backward, sparse_linear_forward, sparsify
 from minisparse.nm import nm_mask
-from minisparse.topk import kept_count, topk_backward, topk_forward, topk_mask
+from minisparse.topk import kept_count, topk_backward, topk_forward, topk_mask, topk_values
 
 
 def reference_topk_mask(x, k):
@@ -40,6 +40,18 @@ def test_topk_mask_equals_independent_topk(k):
         assert mask.dtype == bool
         np.testing.assert_array_equal(mask, reference_topk_mask(x, k), err_msg=kind)
         assert (mask.sum(axis=-1) == k).all(), kind           # never more (or fewer) than K
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, 12, 23, 24])
+def test_topk_values_equal_x_times_the_exact_mask(k):
+    """The training path's shortcut (no tie-broken mask) gives exactly x * mask, ties included."""
+    rng = np.random.default_rng(100 + k)
+    for kind, x in row_kinds(rng):
+        want = x * reference_topk_mask(x, k)
+        np.testing.assert_array_equal(topk_values(x, k), want, err_msg=kind)
+        assert (topk_values(x, k) != 0).sum(axis=-1).max() <= k, kind
+    x3 = rng.integers(-3, 4, size=(3, 5, 16)).astype(np.float32)          # ties at t > 0, 3-d
+    np.testing.assert_array_equal(topk_values(x3, 6), x3 * reference_topk_mask(x3, 6))
 
 
 def test_topk_uses_magnitude_not_sign():
