@@ -26,7 +26,7 @@ Prefill batches (more tokens than max_rows) take the masked dense product, as tr
 from .attention import attention_forward
 from .backend import array_module
 from .linear import sparse_linear_forward, zero_fraction
-from .model import ACTIVATIONS, SITES
+from .model import ACTIVATIONS, SITES, head_weight, repeat_kv
 from .norm import rmsnorm_forward
 from .rope import rope_forward
 from .rowsparse import input_major, rows_matvec
@@ -42,7 +42,7 @@ class KVCache:
 
     def __init__(self, cfg, B, xp, dtype):
         hs = cfg.n_embd // cfg.n_head
-        shape = (B, cfg.n_head, cfg.block_size, hs)             # (B, H, T_max, hs)
+        shape = (B, cfg.n_kv_head, cfg.block_size, hs)          # (B, Hkv, T_max, hs)
         self.k = [xp.zeros(shape, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [xp.zeros(shape, dtype=dtype) for _ in range(cfg.n_layer)]
         self.length = 0
@@ -103,7 +103,7 @@ def decode_forward(params, cfg, idx, kv, spec=None, meter=None, fast=None):
 
     fast: a DecodeWeights of these params, to read only the selected weight rows (see above)."""
     B, Tq = idx.shape
-    C, H = cfg.n_embd, cfg.n_head
+    C, H, Hkv = cfg.n_embd, cfg.n_head, cfg.n_kv_head
     hs = C // H
     pos = kv.length
     if pos + Tq > cfg.block_size:
@@ -127,12 +127,14 @@ def decode_forward(params, cfg, idx, kv, spec=None, meter=None, fast=None):
         p = f"h.{l}."
         h, _ = rmsnorm_forward(x, params[p + "attn_norm"], cfg.norm_eps)
         q, k, v = project(l, "qkv", h)
-        q, k, v = (t.reshape(B, Tq, H, hs).transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H, Tq, hs)
-        q, _ = rope_forward(q, cfg.rope_base, offset=pos)
-        k, _ = rope_forward(k, cfg.rope_base, offset=pos)
+        q = q.reshape(B, Tq, H, hs).transpose(0, 2, 1, 3)                  # (B, H, Tq, hs)
+        k, v = (t.reshape(B, Tq, Hkv, hs).transpose(0, 2, 1, 3) for t in (k, v))   # (B, Hkv, Tq, hs)
+        q, _ = rope_forward(q, cfg.rope_base, offset=pos, layout=cfg.rope_layout)
+        k, _ = rope_forward(k, cfg.rope_base, offset=pos, layout=cfg.rope_layout)
         kv.k[l][:, :, pos:pos + Tq] = k
         kv.v[l][:, :, pos:pos + Tq] = v
-        a, _ = attention_forward(q, kv.k[l][:, :, :pos + Tq], kv.v[l][:, :, :pos + Tq])
+        a, _ = attention_forward(q, repeat_kv(kv.k[l][:, :, :pos + Tq], H // Hkv),
+                                 repeat_kv(kv.v[l][:, :, :pos + Tq], H // Hkv))
         a = a.transpose(0, 2, 1, 3).reshape(B, Tq, C)                       # (B, Tq, C)
         (o,) = project(l, "o", a)
         x = x + o
@@ -143,7 +145,7 @@ def decode_forward(params, cfg, idx, kv, spec=None, meter=None, fast=None):
         x = x + f
     kv.length = pos + Tq
     h, _ = rmsnorm_forward(x, params["norm_f"], cfg.norm_eps)
-    return h @ params["lm_head"].T                                          # (B, Tq, V)
+    return h @ head_weight(params, cfg).T                                   # (B, Tq, V)
 
 
 def new_cache(params, cfg, B):

@@ -14,6 +14,12 @@
     logits = RMSNorm(x) @ lm_head^T                               dense head      (B, T, V)
     loss = cross_entropy(logits, targets)
 
+LLaMA-family options, for pretrained models (QSPARSE.md Sec. 9): with n_kv_head < n_head,
+grouped-query attention gives k and v only n_kv_head heads (Wk, Wv: (n_kv_head * hs, C)),
+each shared by n_head / n_kv_head query heads (repeat_kv; its backward sums over the group);
+tie_embeddings uses wte as the LM head, so wte's gradient is the sum of both uses;
+rope_layout "pairs" rotates adjacent channels, the layout of GGUF files' q and k.
+
 Only the four projection inputs are sparsified (QSPARSE.md Sec. 1); the embedding, the
 residual stream and the LM head stay dense. Parameters live in a dict with readable
 names; `forward` returns the loss and the caches, `backward` returns a dict of
@@ -31,6 +37,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from . import backend
+from .backend import array_module
 from .attention import attention_backward, attention_forward
 from .embedding import embedding_backward, embedding_forward
 from .errors import UsageError
@@ -62,12 +69,17 @@ class GPTConfig:
     ste: bool = True              # straight-through gradient (Eq. 13); False = masked (Eq. 12)
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
+    n_kv_head: int = 0            # key/value heads, grouped-query attention; 0 = n_head (plain multi-head)
+    tie_embeddings: bool = False  # the LM head is the token embedding wte (no lm_head parameter)
+    rope_layout: str = "half"     # "half" (Hugging Face: rotate the two halves) or "pairs" (GGUF: adjacent pairs)
 
     def __post_init__(self):
         if self.nm is not None:
             self.nm = tuple(self.nm)
         if self.n_hidden == 0:
             self.n_hidden = 32 * math.ceil(8 * self.n_embd / 3 / 32)
+        if self.n_kv_head == 0:
+            self.n_kv_head = self.n_head
         self.validate()
 
     def validate(self):
@@ -82,6 +94,11 @@ class GPTConfig:
         if (self.n_embd // self.n_head) % 2 != 0:
             raise UsageError(f"head size n_embd / n_head = {self.n_embd // self.n_head} is odd: "
                              "rotary embeddings rotate pairs of channels, so it must be even.")
+        if not (isinstance(self.n_kv_head, int) and self.n_kv_head >= 1 and self.n_head % self.n_kv_head == 0):
+            raise UsageError(f"n_kv_head={self.n_kv_head!r} is not allowed: it must divide n_head={self.n_head} "
+                             "(each key/value head serves n_head / n_kv_head query heads).")
+        if self.rope_layout not in ("half", "pairs"):
+            raise UsageError(f"rope_layout {self.rope_layout!r} is not known: use 'half' or 'pairs'.")
         if self.activation not in ACTIVATIONS:
             raise UsageError(f"activation {self.activation!r} is not known: use 'relu2' or 'swiglu'.")
         kept_count(self.n_embd, self.sparsity)          # raises for a sparsity outside [0, 1)
@@ -128,13 +145,16 @@ class GPTConfig:
 def param_shapes(cfg):
     """Every parameter's name and shape, in a fixed order."""
     C, Hd, V = cfg.n_embd, cfg.n_hidden, cfg.vocab_size
+    Ckv = cfg.n_kv_head * (C // cfg.n_head)                  # key/value width: fewer heads with GQA
     shapes = {"wte": (V, C)}
     for l in range(cfg.n_layer):
         p = f"h.{l}."
-        shapes.update({p + "attn_norm": (C,), p + "attn.wq": (C, C), p + "attn.wk": (C, C),
-                       p + "attn.wv": (C, C), p + "attn.wo": (C, C), p + "ffn_norm": (C,),
+        shapes.update({p + "attn_norm": (C,), p + "attn.wq": (C, C), p + "attn.wk": (Ckv, C),
+                       p + "attn.wv": (Ckv, C), p + "attn.wo": (C, C), p + "ffn_norm": (C,),
                        p + "ffn.w_up": (Hd, C), p + "ffn.w_gate": (Hd, C), p + "ffn.w_down": (C, Hd)})
-    shapes.update({"norm_f": (C,), "lm_head": (V, C)})
+    shapes["norm_f"] = (C,)
+    if not cfg.tie_embeddings:
+        shapes["lm_head"] = (V, C)
     return shapes
 
 
@@ -160,8 +180,8 @@ def is_norm(name):
 
 def count_params(cfg):
     """N: the projection weights of the blocks (embedding, head and norms left out, as the paper does)."""
-    C, Hd = cfg.n_embd, cfg.n_hidden
-    return cfg.n_layer * (4 * C * C + 3 * C * Hd)
+    C, Hd, Ckv = cfg.n_embd, cfg.n_hidden, cfg.n_kv_head * (cfg.n_embd // cfg.n_head)
+    return cfg.n_layer * (2 * C * C + 2 * C * Ckv + 3 * C * Hd)
 
 
 def activated_params(cfg, measured=None):
@@ -170,8 +190,8 @@ def activated_params(cfg, measured=None):
     Without `measured`, the nominal count from K (top-K) or keep/block (N:M). With
     `measured` (from `measured_sparsity`), the measured nonzero fraction at each site,
     which also counts ReLU2's natural zeros at the down projection."""
-    C, Hd = cfg.n_embd, cfg.n_hidden
-    outs = {"qkv": (C, 3 * C), "o": (C, C), "up_gate": (C, 2 * Hd), "down": (Hd, C)}
+    C, Hd, Ckv = cfg.n_embd, cfg.n_hidden, cfg.n_kv_head * (cfg.n_embd // cfg.n_head)
+    outs = {"qkv": (C, C + 2 * Ckv), "o": (C, C), "up_gate": (C, 2 * Hd), "down": (Hd, C)}
     total = 0.0
     for l in range(cfg.n_layer):
         for site, (D, O) in outs.items():
@@ -189,12 +209,33 @@ def activated_params(cfg, measured=None):
 # forward and backward
 
 
+def head_weight(params, cfg):
+    """The LM head's weight (V, C): its own, or the token embedding when tied."""
+    return params["wte"] if cfg.tie_embeddings else params["lm_head"]
+
+
+def repeat_kv(k, groups):
+    """Grouped-query attention: (B, Hkv, T, hs) -> (B, Hkv * groups, T, hs); query head h reads
+    key/value head h // groups (LLaMA's repeat_kv)."""
+    if groups == 1:
+        return k
+    return array_module(k).repeat(k, groups, axis=1)
+
+
+def repeat_kv_backward(dk, groups):
+    """(B, H, T, hs) -> (B, H / groups, T, hs): each key/value head sums the gradients of its queries."""
+    if groups == 1:
+        return dk
+    B, H, T, hs = dk.shape
+    return dk.reshape(B, H // groups, groups, T, hs).sum(axis=2)
+
+
 def forward(params, cfg, idx, targets=None):
     """idx (B, T) ints -> (logits (B, T, V), loss or None, cache for backward)."""
     B, T = idx.shape
     if T > cfg.block_size:
         raise UsageError(f"sequence length {T} is longer than block_size={cfg.block_size}.")
-    C, H = cfg.n_embd, cfg.n_head
+    C, H, Hkv = cfg.n_embd, cfg.n_head, cfg.n_kv_head
     hs = C // H
     spec = cfg.spec
     act_forward = ACTIVATIONS[cfg.activation][0]
@@ -209,11 +250,11 @@ def forward(params, cfg, idx, targets=None):
         (q, k, v), c["qkv"] = sparse_linear_forward(
             h, [params[p + "attn.wq"], params[p + "attn.wk"], params[p + "attn.wv"]], spec)
         q = q.reshape(B, T, H, hs).transpose(0, 2, 1, 3)                 # (B, H, T, hs)
-        k = k.reshape(B, T, H, hs).transpose(0, 2, 1, 3)
-        v = v.reshape(B, T, H, hs).transpose(0, 2, 1, 3)
-        q, c["rope_q"] = rope_forward(q, cfg.rope_base)
-        k, c["rope_k"] = rope_forward(k, cfg.rope_base)
-        a, c["attn"] = attention_forward(q, k, v)                        # (B, H, T, hs)
+        k = k.reshape(B, T, Hkv, hs).transpose(0, 2, 1, 3)               # (B, Hkv, T, hs)
+        v = v.reshape(B, T, Hkv, hs).transpose(0, 2, 1, 3)
+        q, c["rope_q"] = rope_forward(q, cfg.rope_base, layout=cfg.rope_layout)
+        k, c["rope_k"] = rope_forward(k, cfg.rope_base, layout=cfg.rope_layout)
+        a, c["attn"] = attention_forward(q, repeat_kv(k, H // Hkv), repeat_kv(v, H // Hkv))  # (B, H, T, hs)
         a = a.transpose(0, 2, 1, 3).reshape(B, T, C)                     # (B, T, C)
         (o,), c["o"] = sparse_linear_forward(a, [params[p + "attn.wo"]], spec)
         x = x + o
@@ -225,7 +266,7 @@ def forward(params, cfg, idx, targets=None):
         (f,), c["down"] = sparse_linear_forward(m, [params[p + "ffn.w_down"]], spec)
         x = x + f
     h, caches["norm_f"] = rmsnorm_forward(x, params["norm_f"], cfg.norm_eps)
-    logits = h @ params["lm_head"].T                                     # (B, T, V)
+    logits = h @ head_weight(params, cfg).T                              # (B, T, V)
     caches["head_in"] = h
     caches["shape"] = (B, T)
     loss = None
@@ -237,15 +278,15 @@ def forward(params, cfg, idx, targets=None):
 def backward(params, cfg, caches, dloss=1.0):
     """Gradients of the loss for every parameter, a dict with the keys of `params`."""
     B, T = caches["shape"]
-    C, H = cfg.n_embd, cfg.n_head
+    C, H, Hkv = cfg.n_embd, cfg.n_head, cfg.n_kv_head
     hs = C // H
     act_backward = ACTIVATIONS[cfg.activation][1]
     grads = {}
 
     dlogits = cross_entropy_backward(dloss, caches["loss"]).reshape(B, T, -1)    # (B, T, V)
     h = caches["head_in"]
-    grads["lm_head"] = dlogits.reshape(B * T, -1).T @ h.reshape(B * T, C)        # logits = h W^T
-    dh = dlogits @ params["lm_head"]                                              # (B, T, C)
+    dhead = dlogits.reshape(B * T, -1).T @ h.reshape(B * T, C)                   # logits = h W^T
+    dh = dlogits @ head_weight(params, cfg)                                       # (B, T, C)
     dx, grads["norm_f"] = rmsnorm_backward(dh, caches["norm_f"])
     for l in reversed(range(cfg.n_layer)):
         p = f"h.{l}."
@@ -260,14 +301,20 @@ def backward(params, cfg, caches, dloss=1.0):
         da, (grads[p + "attn.wo"],) = sparse_linear_backward([dx], c["o"])
         da = da.reshape(B, T, H, hs).transpose(0, 2, 1, 3)                       # (B, H, T, hs)
         dq, dk, dv = attention_backward(da, c["attn"])
+        dk, dv = repeat_kv_backward(dk, H // Hkv), repeat_kv_backward(dv, H // Hkv)   # (B, Hkv, T, hs)
         dq = rope_backward(dq, c["rope_q"])
         dk = rope_backward(dk, c["rope_k"])
-        dq, dk, dv = (d.transpose(0, 2, 1, 3).reshape(B, T, C) for d in (dq, dk, dv))
+        dq = dq.transpose(0, 2, 1, 3).reshape(B, T, C)
+        dk, dv = (d.transpose(0, 2, 1, 3).reshape(B, T, Hkv * hs) for d in (dk, dv))
         dh, (grads[p + "attn.wq"], grads[p + "attn.wk"], grads[p + "attn.wv"]) = \
             sparse_linear_backward([dq, dk, dv], c["qkv"])
         dh, grads[p + "attn_norm"] = rmsnorm_backward(dh, c["attn_norm"])
         dx += dh                                                  # the residual again
     grads["wte"] = embedding_backward(dx, caches["wte"])
+    if cfg.tie_embeddings:
+        grads["wte"] += dhead          # wte is used twice, as embedding and as head: gradients add
+    else:
+        grads["lm_head"] = dhead
     return grads
 
 

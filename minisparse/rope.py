@@ -7,8 +7,11 @@ is rotated by the angle p * theta_i at position p:
     y1 = x1 * cos - x2 * sin                                            x, y: (B, H, T, hs)
     y2 = x1 * sin + x2 * cos
 
-This is the "rotate half" layout of the Hugging Face LLaMA code. A rotation's inverse is
-its transpose, so the backward rotates by the opposite angle:
+This is the "rotate half" layout of the Hugging Face LLaMA code (layout="half"). GGUF files
+store q and k reordered for llama.cpp's layout, which pairs *adjacent* channels instead:
+x1 = x[..., 0::2], x2 = x[..., 1::2] (layout="pairs"; QSPARSE.md Sec. 9). The same weights
+with the wrong layout still run, but predict badly. A rotation's inverse is its transpose,
+so the backward rotates by the opposite angle:
 
     dx1 =  dy1 * cos + dy2 * sin
     dx2 = -dy1 * sin + dy2 * cos
@@ -26,19 +29,31 @@ def rope_tables(xp, T, hs, base=10000.0, offset=0, dtype=None):
     return xp.cos(angles).astype(dtype), xp.sin(angles).astype(dtype)
 
 
-def rope_forward(x, base=10000.0, offset=0):
-    """x (B, H, T, hs) -> rotated y (B, H, T, hs), cache (cos, sin)."""
+def _split(x, layout):
+    hs = x.shape[-1]
+    if layout == "pairs":
+        return x[..., 0::2], x[..., 1::2]
+    return x[..., :hs // 2], x[..., hs // 2:]
+
+
+def _join(xp, y1, y2, layout):
+    if layout == "pairs":
+        return xp.stack([y1, y2], axis=-1).reshape(y1.shape[:-1] + (2 * y1.shape[-1],))   # interleave
+    return xp.concatenate([y1, y2], axis=-1)
+
+
+def rope_forward(x, base=10000.0, offset=0, layout="half"):
+    """x (B, H, T, hs) -> rotated y (B, H, T, hs), cache (cos, sin, layout)."""
     xp = array_module(x)
     T, hs = x.shape[-2], x.shape[-1]
     cos, sin = rope_tables(xp, T, hs, base, offset, x.dtype)   # (T, hs/2)
-    x1, x2 = x[..., :hs // 2], x[..., hs // 2:]
-    y = xp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
-    return y, (cos, sin)
+    x1, x2 = _split(x, layout)
+    y = _join(xp, x1 * cos - x2 * sin, x1 * sin + x2 * cos, layout)
+    return y, (cos, sin, layout)
 
 
 def rope_backward(dy, cache):
     xp = array_module(dy)
-    cos, sin = cache
-    hs = dy.shape[-1]
-    dy1, dy2 = dy[..., :hs // 2], dy[..., hs // 2:]
-    return xp.concatenate([dy1 * cos + dy2 * sin, -dy1 * sin + dy2 * cos], axis=-1)
+    cos, sin, layout = cache
+    dy1, dy2 = _split(dy, layout)
+    return _join(xp, dy1 * cos + dy2 * sin, -dy1 * sin + dy2 * cos, layout)

@@ -10,10 +10,11 @@ from minisparse.sampling import generate, sample_next
 from minisparse.errors import UsageError
 
 
-@pytest.mark.parametrize("sparsity,nm,activation", [(0.0, None, "relu2"), (0.5, None, "relu2"),
-                                                    (0.0, (2, 4), "swiglu")])
-def test_decode_equals_full_forward(sparsity, nm, activation):
-    cfg = model.GPTConfig(vocab_size=13, block_size=10, n_layer=2, n_head=2, n_embd=16,
+@pytest.mark.parametrize("sparsity,nm,activation,extra", [
+    (0.0, None, "relu2", {}), (0.5, None, "relu2", {}), (0.0, (2, 4), "swiglu", {}),
+    (0.5, None, "swiglu", dict(n_head=4, n_kv_head=2, tie_embeddings=True, rope_layout="pairs"))])
+def test_decode_equals_full_forward(sparsity, nm, activation, extra):
+    cfg = model.GPTConfig(**{**dict(vocab_size=13, block_size=10, n_layer=2, n_head=2, n_embd=16), **extra},
                           activation=activation, sparsity=sparsity, nm=nm)
     params = model.init_params(cfg, seed=3, dtype=np.float64)
     idx = np.random.default_rng(0).integers(0, 13, (2, 10))

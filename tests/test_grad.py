@@ -8,6 +8,7 @@ import pytest
 from conftest import record
 from minisparse.gradcheck import numerical_grad, rel_error
 from minisparse import model
+from minisparse.errors import UsageError
 from minisparse.attention import attention_backward, attention_forward
 from minisparse.embedding import embedding_backward, embedding_forward
 from minisparse.linear import SparseSpec, sparse_linear_backward, sparse_linear_forward
@@ -55,6 +56,16 @@ def test_rope():
     x = np.random.default_rng(2).standard_normal((2, 2, 5, 8))
     check("rope", lambda x: rope_forward(x, 10000.0), lambda d, c: rope_backward(d, c), [x])
     check("rope offset", lambda x: rope_forward(x, 500.0, offset=7), lambda d, c: rope_backward(d, c), [x])
+    check("rope pairs", lambda x: rope_forward(x, 500.0, offset=3, layout="pairs"), rope_backward, [x])
+
+
+def test_rope_pairs_is_half_with_channels_reordered():
+    """Adjacent pairs (GGUF) = rotate-half (HF) after moving channels 0,2,4.. first and 1,3,5.. second."""
+    x = np.random.default_rng(3).standard_normal((1, 2, 5, 8))
+    perm = np.r_[0:8:2, 1:8:2]                                   # pairs layout -> half layout
+    want, _ = rope_forward(x[..., perm], 10000.0, offset=2)
+    got, _ = rope_forward(x, 10000.0, offset=2, layout="pairs")
+    np.testing.assert_allclose(got[..., perm], want, rtol=1e-14, atol=1e-14)
 
 
 @pytest.mark.parametrize("Tq,Tk", [(6, 6), (1, 6), (3, 6)])
@@ -103,10 +114,14 @@ def test_cross_entropy():
     check("cross_entropy", lambda z: cross_entropy_forward(z, targets), cross_entropy_backward, [logits])
 
 
-@pytest.mark.parametrize("activation", ["relu2", "swiglu"])
-def test_whole_model_at_sparsity_0(activation):
-    cfg = model.GPTConfig(vocab_size=7, block_size=6, n_layer=2, n_head=2, n_embd=8, n_hidden=12,
-                          activation=activation, sparsity=0.0)
+@pytest.mark.parametrize("activation,extra", [
+    ("relu2", {}), ("swiglu", {}),
+    # the LLaMA-family options (grouped-query attention, tied head, GGUF rotary layout)
+    ("swiglu", dict(n_head=4, n_kv_head=2, tie_embeddings=True, rope_layout="pairs")),
+], ids=["relu2", "swiglu", "swiglu-gqa-tied-pairs"])
+def test_whole_model_at_sparsity_0(activation, extra):
+    shape = dict(vocab_size=7, block_size=6, n_layer=2, n_head=2, n_embd=8, n_hidden=12)
+    cfg = model.GPTConfig(**{**shape, **extra}, activation=activation, sparsity=0.0)
     params = model.init_params(cfg, seed=1, dtype=np.float64)
     rng = np.random.default_rng(9)
     for k in params:                                             # larger than 0.02 so every path matters
@@ -122,5 +137,21 @@ def test_whole_model_at_sparsity_0(activation):
     assert set(grads) == set(params)
     for name in params:
         err = rel_error(grads[name], numerical_grad(f, params[name]))
-        record(f"model {activation} S=0", err)
+        record(f"model {activation}{' gqa/tied/pairs' if extra else ''} S=0", err)
         assert err <= TOL, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("extra, needle", [(dict(n_kv_head=3), "n_kv_head=3"), (dict(n_kv_head=-1), "n_kv_head=-1"),
+                                           (dict(rope_layout="gptj"), "'gptj'")])
+def test_llama_options_bad_values_are_one_sentence(extra, needle):
+    with pytest.raises(UsageError, match=needle):
+        model.GPTConfig(vocab_size=7, block_size=6, n_layer=1, n_head=4, n_embd=16, **extra)
+
+
+def test_gqa_and_tied_shapes_and_counts():
+    cfg = model.GPTConfig(vocab_size=7, block_size=6, n_layer=2, n_head=4, n_kv_head=1, n_embd=16,
+                          n_hidden=32, tie_embeddings=True, sparsity=0.5)
+    shapes = model.param_shapes(cfg)
+    assert shapes["h.0.attn.wk"] == (4, 16) and shapes["h.0.attn.wv"] == (4, 16) and "lm_head" not in shapes
+    assert model.count_params(cfg) == 2 * (16 * 16 * 2 + 2 * 16 * 4 + 3 * 16 * 32)
+    assert model.activated_params(cfg) == 2 * (8 * (16 + 8) + 8 * 16 + 8 * 64 + 16 * 16)

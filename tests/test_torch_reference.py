@@ -64,13 +64,16 @@ def t_rmsnorm(x, g, eps):
     return x / torch.sqrt((x * x).mean(dim=-1, keepdim=True) + eps) * g
 
 
-def t_rope(x, base):
-    """Rotate-half RoPE on (B, H, T, hs)."""
+def t_rope(x, base, layout="half"):
+    """Rotate-half RoPE on (B, H, T, hs); layout "pairs" rotates (x[2i], x[2i+1]) instead."""
     Tn, hs = x.shape[-2], x.shape[-1]
     i = torch.arange(hs // 2, dtype=DT)
     theta = base ** (-2.0 * i / hs)                              # (hs/2,)
     ang = torch.arange(Tn, dtype=DT)[:, None] * theta[None, :]   # (T, hs/2)
     cos, sin = torch.cos(ang), torch.sin(ang)
+    if layout == "pairs":
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
     x1, x2 = x[..., :hs // 2], x[..., hs // 2:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -90,17 +93,21 @@ def t_forward(P, cfg, idx, targets):
     C, H = cfg.n_embd, cfg.n_head
     hs = C // H
 
-    def heads(z):                                                # (B, T, C) -> (B, H, T, hs)
-        return z.reshape(Bn, Tn, H, hs).transpose(1, 2)
+    Hkv = cfg.n_kv_head
+
+    def heads(z, n=H):                                           # (B, T, n*hs) -> (B, n, T, hs)
+        return z.reshape(Bn, Tn, n, hs).transpose(1, 2)
 
     x = P["wte"][idx]                                            # (B, T, C)
     for l in range(cfg.n_layer):
         p = f"h.{l}."
         h = t_sparsify(t_rmsnorm(x, P[p + "attn_norm"], cfg.norm_eps), cfg)
         q = heads(h @ P[p + "attn.wq"].T)
-        k = heads(h @ P[p + "attn.wk"].T)
-        v = heads(h @ P[p + "attn.wv"].T)
-        q, k = t_rope(q, cfg.rope_base), t_rope(k, cfg.rope_base)
+        k = heads(h @ P[p + "attn.wk"].T, Hkv)
+        v = heads(h @ P[p + "attn.wv"].T, Hkv)
+        q, k = t_rope(q, cfg.rope_base, cfg.rope_layout), t_rope(k, cfg.rope_base, cfg.rope_layout)
+        # grouped-query attention: query head i uses key/value head i // (H / Hkv)
+        k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
         a = t_attention(q, k, v).transpose(1, 2).reshape(Bn, Tn, C)
         x = x + t_sparsify(a, cfg) @ P[p + "attn.wo"].T
         h = t_sparsify(t_rmsnorm(x, P[p + "ffn_norm"], cfg.norm_eps), cfg)
@@ -110,7 +117,8 @@ def t_forward(P, cfg, idx, targets):
         else:
             m = up * torch.nn.functional.silu(gate)
         x = x + t_sparsify(m, cfg) @ P[p + "ffn.w_down"].T
-    logits = t_rmsnorm(x, P["norm_f"], cfg.norm_eps) @ P["lm_head"].T   # (B, T, V)
+    head = P["wte"] if cfg.tie_embeddings else P["lm_head"]
+    logits = t_rmsnorm(x, P["norm_f"], cfg.norm_eps) @ head.T   # (B, T, V)
     loss = torch.nn.functional.cross_entropy(logits.reshape(Bn * Tn, -1), targets.reshape(-1))
     return logits, loss
 
@@ -170,6 +178,13 @@ def test_nm_relu2():
 
 def test_topk_swiglu():
     compare_model("topk 0.5 swiglu", model.GPTConfig(**SMALL, sparsity=0.5, activation="swiglu"))
+
+
+@pytest.mark.parametrize("sparsity,nm", [(0.5, None), (0.0, (2, 4))])
+def test_llama_options_gqa_tied_pairs(sparsity, nm):
+    cfg = model.GPTConfig(**{**SMALL, "n_head": 4}, n_kv_head=2, tie_embeddings=True, rope_layout="pairs",
+                          sparsity=sparsity, nm=nm, activation="swiglu", rope_base=100000.0)
+    compare_model(f"gqa/tied/pairs {sparsity} {nm}", cfg)
 
 
 def test_dense_relu2():
