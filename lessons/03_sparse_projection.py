@@ -100,7 +100,9 @@ def hand_forward(X, W, K):
 Y_hand, Xs_hand, Mask_hand = hand_forward(X, W, K)
 (Y_pkg,), cache = sparse_linear_forward(X, [W], SparseSpec(S))
 print("forward: hand vs minisparse, max |diff| =", np.abs(Y_hand - Y_pkg).max())
-print("masks identical:", np.array_equal(Mask_hand, cache[1]))
+# the cache keeps the sparsified input xs (cache[0]); the mask itself (cache[1]) is kept only for
+# the masked-gradient ablation: the straight-through backward never reads it (topk.topk_values)
+print("sparsified inputs identical:", np.array_equal(Xs_hand.reshape(-1, C), cache[0]))
 
 # %% [markdown]
 # Every token picks its own K channels. Looking at the mask of the six tokens makes that
@@ -426,9 +428,10 @@ for s, a, b_ in zip(sparsities, fwd, train_ste):
 
 # %%
 TOL_ROUND, TOL_FD = 1e-12, 1e-6
-Xs_pkg, Mask_pkg = sparsify(X, SparseSpec(S))
+Xs_pkg, Mask_pkg = sparsify(X, SparseSpec(S, ste=False))      # the spec that keeps the mask
 np.testing.assert_array_equal(Mask_hand, Mask_pkg)
 np.testing.assert_array_equal(Xs_hand, Xs_pkg)
+np.testing.assert_array_equal(Xs_hand, sparsify(X, SparseSpec(S))[0])   # the STE path: xs alone
 np.testing.assert_allclose(Y_hand, Y_pkg, rtol=TOL_ROUND, atol=TOL_ROUND)
 
 for ste in (True, False):

@@ -329,7 +329,9 @@ sizes = (1, 2, 4, 8, 16, 256)
 print(f"{'layer, site':14s}" + "".join(f"{f'n={n}':>7s}" for n in sizes) + "   most-kept channel")
 for l in range(cfg.n_layer):
     for site in ("qkv", "o", "up_gate"):
-        real_mask = caches[l][site][1].reshape(xb.size, -1)[order]     # (N, C) top-K mask, 256 tokens
+        # the kept channels are the nonzeros of xs (cache[0]): under the STE the cache holds no mask,
+        # and these three sites' inputs have no exact zeros of their own
+        real_mask = (caches[l][site][0] != 0).reshape(xb.size, -1)[order]   # (N, C) top-K mask, 256 tokens
         unions = [real_mask[:n].any(0).mean() for n in sizes]
         print(f"{l}, {site:10s}" + "".join(f"{u:7.0%}" for u in unions) + f"   {real_mask.mean(0).max():.0%} of tokens")
 
