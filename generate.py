@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from minisparse import backend, model, rowsparse
+from minisparse import backend, model, pretrained, rowsparse
 from minisparse.decode import DecodeWeights, SparsityMeter
 from minisparse.errors import UsageError
 from minisparse.linear import SparseSpec
@@ -25,6 +25,11 @@ def build_parser():
     p = argparse.ArgumentParser(description="Sample from a minisparse run.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out_dir", default="out-tiny", help="the run to load (its ckpt.npz)")
+    p.add_argument("--init_from", default="",
+                   help="sample from a pretrained model instead of a run: 'smollm2' (SmolLM2-135M-Instruct) "
+                        "or a LLaMA-family .gguf file")
+    p.add_argument("--raw", action="store_true",
+                   help="with a pretrained instruct model: continue the prompt as plain text, without the chat template")
     p.add_argument("--prompt", default="The ", help="text to continue")
     p.add_argument("--max_new_tokens", type=int, default=300, help="tokens to generate per sample")
     p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy")
@@ -47,13 +52,24 @@ def run(args):
     if args.top_k < 0:
         raise UsageError(f"--top_k {args.top_k} is not allowed: it must be >= 0 (0 = no filtering).")
     backend.set_device(args.device)
-    params, _, cfg, tok, _ = load_run(args.out_dir)
+    template, stop_id = None, None
+    if args.init_from:
+        if not pretrained.is_pretrained_source(args.init_from):
+            raise UsageError(f"--init_from {args.init_from!r} is not allowed: give 'smollm2' or a .gguf file "
+                             "(a run of train_tiny.py is loaded with --out_dir).")
+        params, cfg, tok, template = pretrained.load_gguf(args.init_from)
+    else:
+        params, _, cfg, tok, _ = load_run(args.out_dir)
+    ids_eot = tok.encode("<|im_end|>") if template else []
+    if template and len(ids_eot) == 1:
+        stop_id = ids_eot[0]                       # the instruct model ends its turn with <|im_end|>
     spec = cfg.spec
     if args.sparsity is not None:
         model.GPTConfig(**{**cfg.to_dict(), "sparsity": args.sparsity, "nm": None})   # validates the value
         spec = SparseSpec(args.sparsity, None, cfg.ste)
     run_cfg = model.GPTConfig(**{**cfg.to_dict(), "sparsity": spec.sparsity, "nm": spec.nm})
-    ids = tok.encode(args.prompt)
+    text = pretrained.chat_prompt(args.prompt) if template and not args.raw else args.prompt
+    ids = tok.encode(text)
     prompt = np.array([ids] * args.num_samples, dtype=np.int64)
     meter = SparsityMeter()
     if args.kernel == "numba" and rowsparse.numba is None:
@@ -62,17 +78,22 @@ def run(args):
     fast = None if spec.dense or args.kernel == "masked" else DecodeWeights(params, cfg, args.kernel)
     t0 = time.perf_counter()
     out = generate(params, cfg, prompt, args.max_new_tokens, args.temperature, args.top_k or None,
-                   np.random.default_rng(args.seed), spec, meter, fast)
+                   np.random.default_rng(args.seed), spec, meter, fast, stop_id)
     dt = time.perf_counter() - t0
     for i, row in enumerate(out):
         if args.num_samples > 1:
             print(f"---------- sample {i + 1}")
-        print(tok.decode(row.tolist()))
+        if template and not args.raw:               # the question, then the answer up to the end of the turn
+            answer = row[len(ids):].tolist()
+            answer = answer[:answer.index(stop_id)] if stop_id in answer else answer
+            print(f"{args.prompt}\n{tok.decode(answer)}")
+        else:
+            print(tok.decode(row.tolist()))
     if args.max_new_tokens == 0:
         return                                     # nothing was decoded, so nothing was measured
     measured = meter.mean()
     per_layer = {l: measured for l in range(cfg.n_layer)}
-    n_new = args.max_new_tokens * args.num_samples
+    n_new = (out.shape[1] - prompt.shape[1]) * args.num_samples
     print("----------", file=sys.stderr)
     print(f"{n_new} tokens in {dt:.2f} s: {n_new / max(dt, 1e-9):,.0f} tokens/s "
           f"({'dense' if spec.dense else 'sparsity ' + format(run_cfg.overall_sparsity, '.2f')})", file=sys.stderr)

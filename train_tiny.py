@@ -7,6 +7,7 @@ Examples:
     python train_tiny.py --sparsity 0 --out_dir out-dense  # the dense baseline
     python train_tiny.py --nm 16:32                        # Block Q-Sparse, 16 kept of every 32
     python train_tiny.py --resume                          # continue an interrupted run
+    python train_tiny.py --init_from smollm2 --sparsity 0.5 --out_dir out-smollm2   # Q-Sparse a real LLM
 """
 
 import argparse
@@ -27,6 +28,11 @@ HELP = {
     "n_hidden": "FFN width; 0 = 8/3 n_embd rounded up to a multiple of 32",
     "block_size": "context length in tokens",
     "activation": "FFN gate: 'relu2' (ReLU2-GLU, the paper's choice from scratch) or 'swiglu'",
+    "n_kv_head": "key/value heads, grouped-query attention (must divide n_head); 0 = n_head",
+    "tie_embeddings": "use the token embedding as the LM head",
+    "rope_layout": "rotary layout: 'half' (Hugging Face) or 'pairs' (GGUF files)",
+    "rope_base": "rotary embedding base",
+    "norm_eps": "RMSNorm epsilon",
     "sparsity": "fraction of every projection input zeroed by top-K, in [0, 1); 0 = dense",
     "nm": "Block Q-Sparse KEEP:BLOCK, e.g. 16:32 keeps 16 of every 32 channels (overrides --sparsity)",
     "no_ste": "ablation: masked gradient (Eq. 12) instead of the straight-through estimator",
@@ -43,7 +49,8 @@ HELP = {
     "eval_iters": "batches per split when estimating the loss",
     "seed": "seed for the weights and the batches",
     "device": "'cpu' (NumPy) or 'gpu' (CuPy)",
-    "init_from": "continue-training: start from the weights of the run in this out_dir",
+    "init_from": "continue-training: start from the weights of the run in this out_dir, or from a "
+                 "pretrained model: 'smollm2' (SmolLM2-135M-Instruct) or a LLaMA-family .gguf file",
     "resume": "continue this out_dir's interrupted run exactly where it stopped",
 }
 

@@ -36,10 +36,11 @@ def sample_next(logits, temperature, top_k, rng):
 
 
 def generate(params, cfg, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, rng=None,
-             spec=None, meter=None, fast=None):
-    """prompt_ids (B, T0) ints -> (B, T0 + max_new_tokens) ints, as a NumPy array.
+             spec=None, meter=None, fast=None, stop_id=None):
+    """prompt_ids (B, T0) ints -> (B, T0 + n) ints, as a NumPy array, n <= max_new_tokens.
 
-    fast: a decode.DecodeWeights, to read only the selected weight rows (decode.py)."""
+    fast: a decode.DecodeWeights, to read only the selected weight rows (decode.py).
+    stop_id: a token (end of turn) after which a row is done; generation ends when every row is."""
     if not temperature >= 0:                      # also rejects nan
         raise UsageError(f"temperature {temperature!r} is not allowed: it must be >= 0 (0 = greedy).")
     if max_new_tokens < 0:
@@ -52,12 +53,14 @@ def generate(params, cfg, prompt_ids, max_new_tokens, temperature=1.0, top_k=Non
     xp = array_module(params["wte"])
     quiet = quiet_blas(fast.method) if fast is not None and xp is np else contextlib.nullcontext()
     with quiet:                                   # see rowsparse.quiet_blas
-        out = _decode_loop(params, cfg, out, max_new_tokens, temperature, top_k, rng, spec, meter, fast, xp)
+        out = _decode_loop(params, cfg, out, max_new_tokens, temperature, top_k, rng, spec, meter, fast, xp,
+                           stop_id)
     return out
 
 
-def _decode_loop(params, cfg, out, max_new_tokens, temperature, top_k, rng, spec, meter, fast, xp):
+def _decode_loop(params, cfg, out, max_new_tokens, temperature, top_k, rng, spec, meter, fast, xp, stop_id):
     kv = None
+    done = np.zeros(out.shape[0], dtype=bool)
     for _ in range(max_new_tokens):
         if kv is None or kv.length == cfg.block_size:
             # (re)fill the cache with the most recent context
@@ -68,4 +71,8 @@ def _decode_loop(params, cfg, out, max_new_tokens, temperature, top_k, rng, spec
             logits = decode_forward(params, cfg, xp.asarray(out[:, -1:]), kv, spec, meter, fast)
         nxt = sample_next(to_numpy(logits[:, -1, :]), temperature, top_k, rng)
         out = np.concatenate([out, nxt[:, None]], axis=1)
+        if stop_id is not None:
+            done |= nxt == stop_id
+            if done.all():
+                break
     return out

@@ -34,10 +34,12 @@ from .checkpoint import check_params, load_checkpoint, save_checkpoint
 from .data import check_split_lengths, get_batch, load_text, split_ids, tokenizer_from_dict, train_tokenizer
 from .errors import UsageError
 from .optimizer import AdamW, clip_grad_norm
+from .pretrained import is_pretrained_source, load_gguf
 from .schedule import lr_at
 
 # the fields of GPTConfig that define the architecture: fixed by the weights when continuing
-ARCH_FIELDS = ("n_layer", "n_head", "n_embd", "n_hidden", "block_size", "activation")
+ARCH_FIELDS = ("n_layer", "n_head", "n_embd", "n_hidden", "block_size", "activation",
+               "n_kv_head", "tie_embeddings", "rope_layout", "rope_base", "norm_eps")
 
 
 @dataclass
@@ -53,6 +55,11 @@ class TrainConfig:
     n_hidden: int = 0                # FFN width; 0 = 8/3 n_embd rounded up to a multiple of 32
     block_size: int = 64
     activation: str = "relu2"        # 'relu2' (ReLU2-GLU, Eq. 11) or 'swiglu'
+    n_kv_head: int = 0               # key/value heads (grouped-query attention); 0 = n_head
+    tie_embeddings: bool = False     # the LM head is the token embedding
+    rope_layout: str = "half"        # 'half' (Hugging Face) or 'pairs' (GGUF / llama.cpp)
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
     sparsity: float = 0.5            # fraction of each projection input zeroed by top-K; 0 = dense
     nm: str = ""                     # 'KEEP:BLOCK' for Block Q-Sparse, e.g. '16:32'; '' = off
     no_ste: bool = False             # masked gradient instead of the straight-through estimator
@@ -111,7 +118,8 @@ class TrainConfig:
         return model.GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,
                                n_head=self.n_head, n_embd=self.n_embd, n_hidden=self.n_hidden,
                                activation=self.activation, sparsity=self.sparsity, nm=self.nm_tuple(),
-                               ste=not self.no_ste)
+                               ste=not self.no_ste, n_kv_head=self.n_kv_head, tie_embeddings=self.tie_embeddings,
+                               rope_layout=self.rope_layout, rope_base=self.rope_base, norm_eps=self.norm_eps)
 
 
 class TrainingDiverged(RuntimeError):
@@ -218,7 +226,10 @@ def train(tc, given=(), progress=True, log=print):
         check_params(opt_state["m"], shapes, path)
         check_params(opt_state["v"], shapes, path)
     elif tc.init_from:
-        params, _, src_cfg, tok, _ = load_run(tc.init_from)
+        if is_pretrained_source(tc.init_from):                     # a GGUF file (pretrained.py)
+            params, src_cfg, tok, _ = load_gguf(tc.init_from, block_size=tc.block_size)
+        else:
+            params, _, src_cfg, tok, _ = load_run(tc.init_from)
         for name in ARCH_FIELDS:          # the architecture comes with the weights
             if name in given and getattr(tc, name) != getattr(src_cfg, name):
                 raise UsageError(f"--{name} {getattr(tc, name)!r} does not match the weights in "

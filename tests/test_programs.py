@@ -522,6 +522,8 @@ def test_resume_checkpoint_whose_optimizer_state_does_not_fit(run_copy, capsys):
     (["--prompt", ""], ["empty"]),
     (["--sparsity", "1.5"], ["sparsity 1.5", "[0, 1)"]),
     (["--device", "tpu"], ["'tpu'"]),
+    (["--init_from", "out-tiny"], ["'out-tiny'", "smollm2", ".gguf"]),
+    (["--init_from", "no/such/model.gguf"], ["no/such/model.gguf", "no such GGUF file"]),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) and v and v[0].startswith("--") else None)
 def test_generate_bad_flag(extra, needles, sparse_run, capsys):
     rc, _, err = call(generate, ["--out_dir", sparse_run, "--prompt", "the", *extra], capsys)
@@ -579,3 +581,9 @@ def test_cli_bad_input_is_one_sentence(corpus, tmp_path):
     _garbage(ckpt(bad))
     r = cli("generate.py", "--out_dir", bad)
     assert_one_sentence(r.returncode, r.stderr, "generate.py", "corrupt")
+
+
+def test_train_init_from_missing_gguf_is_one_sentence(corpus, tmp_path, capsys):
+    rc, _, err = call(train_tiny, ["--init_from", tmp_path / "missing.gguf", "--out_dir", tmp_path / "o",
+                                   "--data", corpus], capsys)
+    assert_one_sentence(rc, err, "train_tiny.py", "missing.gguf", "no such GGUF file")
