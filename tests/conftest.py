@@ -9,6 +9,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORST = {}   # check name -> worst relative error seen
 
 
+def has_gpu():
+    """True where CuPy imports and sees a CUDA device (the CuPy tests skip otherwise)."""
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
 def record(name, err):
     WORST[name] = max(err, WORST.get(name, 0.0))
     return err

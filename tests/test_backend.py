@@ -10,19 +10,13 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import has_gpu
 from minisparse import backend, model
 from minisparse.errors import UsageError
 from minisparse.optimizer import AdamW
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def has_gpu():
-    try:
-        import cupy
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
 
 
 def test_nothing_imports_cupy_on_the_cpu():

@@ -8,6 +8,7 @@ of the ordinary decode path."""
 import numpy as np
 import pytest
 
+from conftest import has_gpu
 from minisparse import model, rowsparse
 from minisparse.decode import DecodeWeights, SparsityMeter, decode_forward, new_cache
 from minisparse.linear import SparseSpec
@@ -15,13 +16,6 @@ from minisparse.sampling import generate
 
 CPU_METHODS = ["gather", "chunked"] + (["numba"] if rowsparse.numba is not None else [])
 
-
-def has_gpu():
-    try:
-        import cupy
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
 
 
 def case(D, O, K, seed=0, dtype=np.float32):
