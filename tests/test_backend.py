@@ -72,11 +72,14 @@ def test_training_steps_are_bit_for_bit_repeatable():
     assert all(np.array_equal(p1[k], p2[k]) for k in p1)
 
 
-@pytest.mark.parametrize("sparsity,nm", [(0.0, None), (0.5, None), (0.0, (2, 4))])
+@pytest.mark.parametrize("sparsity,nm,extra", [
+    (0.0, None, {}), (0.5, None, {}), (0.0, (2, 4), {}),
+    (0.5, None, dict(n_head=4, n_kv_head=2, tie_embeddings=True, rope_layout="pairs", activation="swiglu"))])
 @pytest.mark.skipif(not has_gpu(), reason="needs CuPy and a CUDA device")
-def test_cupy_matches_numpy(sparsity, nm):
+def test_cupy_matches_numpy(sparsity, nm, extra):
     import cupy
-    cfg = model.GPTConfig(vocab_size=17, block_size=8, n_layer=2, n_head=2, n_embd=16, sparsity=sparsity, nm=nm)
+    shape = dict(vocab_size=17, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    cfg = model.GPTConfig(**{**shape, **extra}, sparsity=sparsity, nm=nm)
     params = model.init_params(cfg, seed=1, dtype=np.float64)           # NumPy (the default device)
     idx = np.random.default_rng(2).integers(0, 17, (3, 9))
     logits, loss, caches = model.forward(params, cfg, idx[:, :-1], idx[:, 1:])
