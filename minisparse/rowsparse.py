@@ -43,15 +43,14 @@ def rows_matvec_gather(vals, idx, Wt):
     return vals @ Wt[idx]
 
 
-def rows_matvec_chunked(vals, idx, Wt, chunk=32, buf=None):
+def rows_matvec_chunked(vals, idx, Wt, chunk=32):
     """y = sum over chunks c of vals[c] @ Wt[idx[c]], gathering `chunk` rows at a time.
 
     Why: `Wt[idx]` for all K rows writes K*O floats to a fresh array and reads them back;
     a 32-row chunk of a 12288-wide Wt is 1.5 MB, which stays in L2/L3 between the gather
-    (np.take into a reused buffer, no allocation) and the product."""
+    (np.take into one buffer per call, reused by every chunk) and the product."""
     K, O = idx.shape[0], Wt.shape[1]
-    if buf is None or buf.shape[0] < chunk or buf.shape[1] != O:
-        buf = np.empty((chunk, O), dtype=Wt.dtype)
+    buf = np.empty((chunk, O), dtype=Wt.dtype)                 # reused by every chunk of this call
     y = np.zeros(O, dtype=np.result_type(vals, Wt))
     for s in range(0, K, chunk):
         n = min(chunk, K - s)
