@@ -25,12 +25,11 @@ Prefill batches (more tokens than max_rows) take the masked dense product, as tr
 
 from .attention import attention_forward
 from .backend import array_module
-from .linear import sparse_linear_forward, zero_fraction
+from .linear import sparse_linear_forward, sparsify, zero_fraction
 from .model import ACTIVATIONS, SITES, head_weight, repeat_kv
 from .norm import rmsnorm_forward
 from .rope import rope_forward
 from .rowsparse import input_major, rows_matvec
-from .linear import sparsify
 
 # the weights of each site's projection, in the order their outputs are used
 SITE_WEIGHTS = {"qkv": ("attn.wq", "attn.wk", "attn.wv"), "o": ("attn.wo",),
