@@ -8,6 +8,9 @@ batch 12, vocabulary 96 (the built-in corpus's). One step = forward + backward +
 clipping + AdamW, in float32. The PyTorch model below has the same equations (RMSNorm,
 rotate-half RoPE, causal attention, ReLU2-GLU, top-K with the straight-through estimator,
 untied head), eager mode, no torch.compile, the same thread count as NumPy's BLAS.
+minisparse steps as train.train() does: on the CPU the batch is split over one thread per
+core, each running its part with BLAS at one thread (minisparse/parallel.py); the row
+"--threads 1" is the plain path, one Python thread with BLAS over all cores.
 
 After a warm-up the variants are timed in alternation, in blocks of --block steps (A A A B B B
 C C C A A A ...), so a change in the machine's load hits all of them alike; each gets the
@@ -29,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 
 from benchmarks.machine import describe  # noqa: E402
-from minisparse import backend, model  # noqa: E402
+from minisparse import backend, model, parallel  # noqa: E402
 from minisparse.optimizer import AdamW, clip_grad_norm  # noqa: E402
 
 SHAPES = dict(vocab_size=96, block_size=64, n_layer=4, n_head=4, n_embd=128)
@@ -40,18 +43,20 @@ BATCH = 12
 # minisparse
 
 
-def minisparse_stepper(sparsity, device, seed=0):
+def minisparse_stepper(sparsity, device, seed=0, threads=0):
+    """One training step as train.train() runs it; threads 0 = one per core (parallel.py)."""
+    backend.retain_freed_memory()      # as train.train() does; process-wide, so PyTorch gets it too
     cfg = model.GPTConfig(**SHAPES, sparsity=sparsity)
     params = {k: backend.asarray(v) for k, v in model.init_params(cfg, seed=seed).items()}
     opt = AdamW(params, 1e-3, (0.9, 0.95), weight_decay=0.1)
     rng = np.random.default_rng(seed)
     sync = _sync(device)
+    threads = 1 if device == "gpu" else (threads or parallel.default_threads())
 
     def step():
         idx = rng.integers(0, cfg.vocab_size, (BATCH, cfg.block_size + 1))
         x, y = backend.asarray(idx[:, :-1]), backend.asarray(idx[:, 1:])
-        _, loss, caches = model.forward(params, cfg, x, y)
-        grads = model.backward(params, cfg, caches)
+        _, grads, _ = parallel.forward_backward(params, cfg, x, y, threads)
         clip_grad_norm(grads, 1.0)
         opt.step(params, grads, 1e-3)
         sync()
@@ -137,17 +142,20 @@ def torch_stepper(sparsity, device, seed=0):
 # ----------------------------------------------------------------------------------------
 
 
-VARIANTS = {
-    "minisparse dense": ("minisparse", 0.0),
-    "minisparse Q-Sparse 50%": ("minisparse", 0.5),
-    "pytorch dense": ("torch", 0.0),
-    "pytorch Q-Sparse 50%": ("torch", 0.5),
+VARIANTS = {                                   # name: (implementation, sparsity, threads)
+    "minisparse dense": ("minisparse", 0.0, 0),
+    "minisparse Q-Sparse 50%": ("minisparse", 0.5, 0),
+    "minisparse dense, --threads 1": ("minisparse", 0.0, 1),
+    "pytorch dense": ("torch", 0.0, 0),
+    "pytorch Q-Sparse 50%": ("torch", 0.5, 0),
 }
 
 
 def make(name, device):
-    kind, s = VARIANTS[name]
-    return (minisparse_stepper if kind == "minisparse" else torch_stepper)(s, device)
+    kind, s, threads = VARIANTS[name]
+    if kind == "minisparse":
+        return minisparse_stepper(s, device, threads=threads)
+    return torch_stepper(s, device)
 
 
 def peak_rss_child(name, device, steps, threads):
@@ -209,9 +217,9 @@ def main(argv=None):
     if args.mem_steps:
         for n in names:
             mem[n] = peak_rss_child(n, args.device, args.mem_steps, args.threads)
-    print(f"\n{'variant':>26} {'median ms/step':>15} {'peak RSS MB':>12}")
+    print(f"\n{'variant':>30} {'median ms/step':>15} {'peak RSS MB':>12}")
     for n in names:
-        print(f"{n:>26} {med[n]:15.2f} {mem.get(n, float('nan')):12.0f}")
+        print(f"{n:>30} {med[n]:15.2f} {mem.get(n, float('nan')):12.0f}")
     if "pytorch dense" in med:
         print(f"\nratio minisparse dense / pytorch dense: {med['minisparse dense'] / med['pytorch dense']:.2f}")
         if mem:

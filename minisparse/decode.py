@@ -116,7 +116,7 @@ def decode_forward(params, cfg, idx, kv, spec=None, meter=None, fast=None):
             ys, zero_frac = _rowsparse_projection(x, *fast.wt[l, site], spec, fast.method)
         else:
             ys, c = sparse_linear_forward(x, [params[f"h.{l}.{n}"] for n in SITE_WEIGHTS[site]], spec)
-            zero_frac = zero_fraction(c)
+            zero_frac = zero_fraction(c) if meter is not None else None    # counted only if asked
         if meter is not None:
             meter.add(site, B * Tq, zero_frac)
         return ys

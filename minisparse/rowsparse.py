@@ -154,7 +154,7 @@ def quiet_blas(method="auto"):
     alternates small BLAS products (attention, the LM head) with the numba kernel, whose own
     threads then share the 2 cores with the spinning ones. Measured on a 2-core Xeon, n_embd
     2048: row-sparse decode at 50% ran 70 tokens/s with BLAS's 2 threads and 100 with one.
-    Needs threadpoolctl (requirements-fast.txt); without it, nothing changes."""
+    Needs threadpoolctl (requirements.txt); without it, nothing changes."""
     import contextlib
     resolved = best_method() if method == "auto" else method
     if resolved != "numba":

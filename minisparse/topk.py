@@ -31,6 +31,16 @@ def kept_count(D, sparsity):
     return D - int(math.floor(sparsity * D + 0.5))
 
 
+def kth_largest(a, k):
+    """(N, 1): the k-th largest entry of each row of a (N, D), 1 <= k <= D.
+
+    Why a full sort, when partition is O(D) and a sort O(D log D): measured on 768 rows
+    (2-core Xeon, NumPy 2.4), NumPy's vectorized sort is faster at these widths, 130 against
+    217 us for D = 128 and 631 against 967 us for D = 352."""
+    D = a.shape[-1]
+    return array_module(a).sort(a, axis=-1)[..., D - k:D - k + 1]
+
+
 def topk_mask(x, k):
     """Boolean mask (..., D): True at the k entries of largest |x| in each row, lower index on ties."""
     xp = array_module(x)
@@ -40,8 +50,7 @@ def topk_mask(x, k):
     if k <= 0:
         return xp.zeros(x.shape, dtype=bool)
     a = xp.abs(x)                                               # (N, D)
-    # the k-th largest |x| of each row: partition is O(D), a full sort would be O(D log D)
-    t = xp.partition(a, D - k, axis=-1)[..., D - k:D - k + 1]   # (N, 1)
+    t = kth_largest(a, k)                                       # (N, 1)
     gt = a > t                                                  # (N, D) surely kept
     eq = a == t                                                 # (N, D) tied with the threshold
     need = k - gt.sum(axis=-1, keepdims=True)                   # (N, 1) how many ties to keep, >= 1
@@ -68,10 +77,11 @@ def topk_values(x, k):
     if k <= 0:
         return xp.zeros_like(x)
     a = xp.abs(x)
-    t = xp.partition(a, D - k, axis=-1)[..., D - k:D - k + 1]   # (N, 1) k-th largest |x|
-    keep = a >= t                                               # (N, D) k entries, or more on ties
-    xs = x * keep
-    excess = (keep.sum(axis=-1, keepdims=True) > k) & (t > 0)  # (N, 1) rows whose ties matter
+    s = xp.sort(a, axis=-1)                                     # (N, D) ascending (see kth_largest)
+    t = s[..., D - k:D - k + 1]                                 # (N, 1) k-th largest |x|
+    xs = x * (a >= t)                                           # k entries kept, or more on ties
+    # more than k are kept exactly when the next smaller |x| equals t
+    excess = (s[..., D - k - 1:D - k] == t) & (t > 0)          # (N, 1) rows whose ties matter
     if bool(excess.any()):
         rows = xp.nonzero(excess[..., 0])
         xs[rows] = x[rows] * topk_mask(x[rows], k)

@@ -2,8 +2,8 @@
 
 One step at iteration `it`:
     x, y = get_batch(train, rng)                      (B, T) tokens and their next tokens
-    loss, caches = model.forward(params, x, y)
-    grads = model.backward(caches)
+    loss, grads = forward and backward: model.py, the batch split over
+                  `threads` CPU threads whose gradients add up (parallel.py)
     clip_grad_norm(grads, grad_clip)
     AdamW.step(params, grads, lr_at(it))              warmup, then cosine to min_lr
 
@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from . import backend, model
+from . import backend, model, parallel
 from .checkpoint import check_params, load_checkpoint, save_checkpoint
 from .data import check_split_lengths, get_batch, load_text, split_ids, tokenizer_from_dict, train_tokenizer
 from .errors import UsageError
@@ -76,6 +76,7 @@ class TrainConfig:
     eval_iters: int = 20
     seed: int = 1337
     device: str = "cpu"              # 'cpu' (NumPy) or 'gpu' (CuPy)
+    threads: int = 0                 # CPU: threads that each train a part of the batch (parallel.py); 0 = one per core
     init_from: str = ""              # continue-training: the out_dir of another run
     resume: bool = False             # continue this out_dir's run where it stopped
 
@@ -84,6 +85,9 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise UsageError(f"--{name} {v!r} is not allowed: it must be a whole number >= 1.")
+        if not isinstance(self.threads, int) or self.threads < 0:
+            raise UsageError(f"--threads {self.threads!r} is not allowed: it must be a whole number >= 0 "
+                             "(0 = one per core).")
         if not isinstance(self.warmup_iters, int) or self.warmup_iters < 0:
             raise UsageError(f"--warmup_iters {self.warmup_iters!r} is not allowed: it must be >= 0.")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
@@ -194,6 +198,7 @@ def train(tc, given=(), progress=True, log=print):
     Returns a summary dict: final losses, time, measured sparsity, N and N_a."""
     tc.validate()
     backend.set_device(tc.device)
+    backend.retain_freed_memory()      # no page faults from re-allocating activations (backend.py)
     os.makedirs(tc.out_dir, exist_ok=True)
     path = ckpt_path(tc.out_dir)
     metrics_path = os.path.join(tc.out_dir, "metrics.jsonl")
@@ -286,6 +291,8 @@ def train(tc, given=(), progress=True, log=print):
     last_saved, last = start_iter, {}
     tok_per_s, stopped = None, False
     tokens_per_step = tc.batch_size * cfg.block_size
+    # the batch is split over this many threads on the CPU (the rounding of the sums depends on it)
+    threads = 1 if tc.device == "gpu" else (tc.threads or parallel.default_threads())
     t_start = time.perf_counter()
     try:
         for it in range(start_iter, tc.max_iters + 1):
@@ -304,17 +311,15 @@ def train(tc, given=(), progress=True, log=print):
                 break
             t0 = time.perf_counter()
             x, y = get_batch(train_ids, cfg.block_size, tc.batch_size, rng)
-            _, loss, caches = model.forward(params, cfg, backend.asarray(x), backend.asarray(y))
-            loss = float(loss)
+            loss, grads, parts = parallel.forward_backward(params, cfg, backend.asarray(x), backend.asarray(y), threads)
             if not math.isfinite(loss):
                 raise _diverged("training loss", loss, it, last_saved, path)
-            grads = model.backward(params, cfg, caches)
             norm = clip_grad_norm(grads, tc.grad_clip)
             if not math.isfinite(norm):
                 raise _diverged("gradient norm", norm, it, last_saved, path)
             lr = lr_at(it, tc.learning_rate, tc.min_lr, tc.warmup_iters, tc.max_iters)
             opt.step(params, grads, lr)
-            sparsity = model.mean_sparsity(cfg, caches)
+            sparsity = parallel.mean_sparsity(cfg, parts)
             dt = time.perf_counter() - t0
             tok_per_s = tokens_per_step / dt if tok_per_s is None else 0.9 * tok_per_s + 0.1 * tokens_per_step / dt
             last.update(train_loss=loss, sparsity=sparsity)
@@ -335,7 +340,7 @@ def train(tc, given=(), progress=True, log=print):
         if bar:
             bar.close()
         metrics.close()
-    measured = model.activated_params(cfg, model.measured_sparsity(cfg, caches)) if tc.max_iters > start_iter else None
+    measured = model.activated_params(cfg, parallel.measured_sparsity(cfg, parts)) if tc.max_iters > start_iter else None
     return {"iters": last_saved, "interrupted": stopped, "seconds": time.perf_counter() - t_start,
             "val_loss": last.get("val_loss"), "train_loss": last.get("eval_train_loss"),
             "sparsity": last.get("sparsity"), "N": N, "N_a": N_a, "N_a_measured": measured,

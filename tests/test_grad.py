@@ -155,3 +155,37 @@ def test_gqa_and_tied_shapes_and_counts():
     assert shapes["h.0.attn.wk"] == (4, 16) and shapes["h.0.attn.wv"] == (4, 16) and "lm_head" not in shapes
     assert model.count_params(cfg) == 2 * (16 * 16 * 2 + 2 * 16 * 4 + 3 * 16 * 32)
     assert model.activated_params(cfg) == 2 * (8 * (16 + 8) + 8 * 16 + 8 * 64 + 16 * 16)
+
+
+# ----------------------------------------------------------------------------------------
+# the faster paths equal the readable formulas they replace
+
+
+def test_rope_half_is_the_half_split_formula_exactly():
+    """rotate() computes layout 'half' over the whole vector at once (a reversed view of x);
+    it must give exactly the textbook y1 = x1 cos - x2 sin, y2 = x1 sin + x2 cos, forward
+    and backward, on the transposed (non-contiguous) layout the model passes it."""
+    from minisparse.rope import rope_tables
+    x = np.random.default_rng(3).standard_normal((2, 6, 3, 8)).transpose(0, 2, 1, 3)   # (B, H, T, hs)
+    y, cache = rope_forward(x, 500.0, offset=2)
+    cos, sin = rope_tables(np, 6, 8, 500.0, 2, x.dtype)
+    x1, x2 = x[..., :4], x[..., 4:]
+    assert np.array_equal(y, np.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1))
+    d1, d2 = y[..., :4], y[..., 4:]
+    assert np.array_equal(rope_backward(y, cache), np.concatenate([d1 * cos + d2 * sin, -d1 * sin + d2 * cos], axis=-1))
+    np.testing.assert_allclose(rope_backward(y, cache), x, atol=1e-13)       # the inverse rotation
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_embedding_backward_equals_add_at(dtype):
+    """The sort-and-reduceat scatter equals NumPy's add.at, with heavy repeats and unused rows."""
+    rng = np.random.default_rng(11)
+    for V, shape in [(96, (12, 64)), (5, (10, 4)), (1000, (1, 7)), (3, (1, 1))]:
+        idx = rng.integers(0, V, shape)
+        dx = rng.standard_normal(shape + (16,)).astype(dtype)
+        ref = np.zeros((V, 16), dtype)
+        np.add.at(ref, idx.reshape(-1), dx.reshape(-1, 16))
+        got = embedding_backward(dx, (idx, (V, 16)))
+        assert got.dtype == dtype
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 if dtype == np.float32 else 1e-12)
+        assert np.array_equal(got == 0, ref == 0)                 # unused tokens get exact zeros

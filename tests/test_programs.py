@@ -386,6 +386,7 @@ SHORT_TRAIN = "abcdefghij"     # 10 tokens: training 9
     (["--learning_rate", "nan"], ["--learning_rate nan", "finite"]),
     (["--learning_rate", "inf"], ["--learning_rate inf", "finite"]),
     (["--device", "tpu"], ["'tpu'", "cpu"]),
+    (["--threads", "-1"], ["--threads -1", ">= 0"]),
     (["--resume", "--init_from", "elsewhere"], ["--resume", "--init_from"]),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) and v and v[0].startswith("--") else None)
 def test_train_bad_flag(extra, needles, corpus, tmp_path, capsys):
