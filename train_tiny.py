@@ -49,7 +49,8 @@ HELP = {
     "eval_iters": "batches per split when estimating the loss",
     "seed": "seed for the weights and the batches",
     "device": "'cpu' (NumPy) or 'gpu' (CuPy)",
-    "threads": "CPU threads, each training its share of the batch's sequences; 0 = one per core",
+    "threads": "CPU threads, each training its share of the batch's sequences; 0 = one per core "
+               "up to 20M parameters, else 1",
     "init_from": "continue-training: start from the weights of the run in this out_dir, or from a "
                  "pretrained model: 'smollm2' (SmolLM2-135M-Instruct) or a LLaMA-family .gguf file",
     "resume": "continue this out_dir's interrupted run exactly where it stopped",

@@ -51,7 +51,7 @@ def minisparse_stepper(sparsity, device, seed=0, threads=0):
     opt = AdamW(params, 1e-3, (0.9, 0.95), weight_decay=0.1)
     rng = np.random.default_rng(seed)
     sync = _sync(device)
-    threads = 1 if device == "gpu" else (threads or parallel.default_threads())
+    threads = 1 if device == "gpu" else (threads or parallel.auto_threads(sum(int(p.size) for p in params.values())))
 
     def step():
         idx = rng.integers(0, cfg.vocab_size, (BATCH, cfg.block_size + 1))

@@ -260,7 +260,8 @@ def down_by_hand(cfg, caches):
             r = caches[l]["act"][1]
             h = up_c * (r * r)                                  # the ReLU2-GLU output, recomputed
         else:
-            h = up_c * caches[l]["act"][3]                      # up * silu(gate)
+            _, gate, sig = caches[l]["act"]
+            h = up_c * (gate * sig)                             # up * silu(gate), silu = gate * sigmoid(gate)
         z = (h == 0).sum(axis=-1)                               # (B, T) natural zeros per token
         out[l] = float(np.mean(np.maximum(Hd - K, z)) / Hd)
     return out

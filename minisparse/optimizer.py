@@ -58,7 +58,7 @@ class AdamW:
 
 def grad_norm(grads):
     """The global L2 norm of all gradients, a Python float."""
-    return math.sqrt(sum(float((g * g).sum()) for g in grads.values()))
+    return math.sqrt(sum(float(array_module(g).vdot(g, g)) for g in grads.values()))   # vdot: g.g, no g*g array
 
 
 def clip_grad_norm(grads, max_norm):

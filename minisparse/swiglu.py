@@ -17,11 +17,12 @@ def swiglu_forward(up, gate):
     xp = array_module(up)
     s = 1.0 / (1.0 + xp.exp(-gate))                            # (B, T, Hd) sigmoid
     silu = gate * s
-    return up * silu, (up, gate, s, silu)
+    return up * silu, (up, gate, s)      # silu is remade in backward: one product, one array less to keep
 
 
 def swiglu_backward(dh, cache):
-    up, gate, s, silu = cache
+    up, gate, s = cache
+    silu = gate * s
     dup = dh * silu
     dgate = dh * up * (s * (1 + gate * (1 - s)))
     return dup, dgate

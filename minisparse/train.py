@@ -76,7 +76,7 @@ class TrainConfig:
     eval_iters: int = 20
     seed: int = 1337
     device: str = "cpu"              # 'cpu' (NumPy) or 'gpu' (CuPy)
-    threads: int = 0                 # CPU: threads that each train a part of the batch (parallel.py); 0 = one per core
+    threads: int = 0                 # CPU: threads that each train a part of the batch (parallel.py); 0 = auto
     init_from: str = ""              # continue-training: the out_dir of another run
     resume: bool = False             # continue this out_dir's run where it stopped
 
@@ -166,6 +166,7 @@ def estimate_loss(params, cfg, data, tc, it):
             losses.append(float(loss))
             for site, frac in model.mean_sparsity(cfg, caches).items():
                 zeros[site] += frac / tc.eval_iters
+            del caches                    # free the activations before the next forward makes its own
         out[split] = sum(losses) / len(losses)
         out[split + "_sparsity"] = zeros
     return out
@@ -289,10 +290,10 @@ def train(tc, given=(), progress=True, log=print):
         from tqdm import tqdm
         bar = tqdm(total=tc.max_iters, initial=start_iter, desc="train", dynamic_ncols=True)
     last_saved, last = start_iter, {}
-    tok_per_s, stopped = None, False
+    tok_per_s, stopped, per_layer = None, False, None
     tokens_per_step = tc.batch_size * cfg.block_size
     # the batch is split over this many threads on the CPU (the rounding of the sums depends on it)
-    threads = 1 if tc.device == "gpu" else (tc.threads or parallel.default_threads())
+    threads = 1 if tc.device == "gpu" else (tc.threads or parallel.auto_threads(sum(int(p.size) for p in params.values())))
     t_start = time.perf_counter()
     try:
         for it in range(start_iter, tc.max_iters + 1):
@@ -311,7 +312,7 @@ def train(tc, given=(), progress=True, log=print):
                 break
             t0 = time.perf_counter()
             x, y = get_batch(train_ids, cfg.block_size, tc.batch_size, rng)
-            loss, grads, parts = parallel.forward_backward(params, cfg, backend.asarray(x), backend.asarray(y), threads)
+            loss, grads, per_layer = parallel.forward_backward(params, cfg, backend.asarray(x), backend.asarray(y), threads)
             if not math.isfinite(loss):
                 raise _diverged("training loss", loss, it, last_saved, path)
             norm = clip_grad_norm(grads, tc.grad_clip)
@@ -319,7 +320,10 @@ def train(tc, given=(), progress=True, log=print):
                 raise _diverged("gradient norm", norm, it, last_saved, path)
             lr = lr_at(it, tc.learning_rate, tc.min_lr, tc.warmup_iters, tc.max_iters)
             opt.step(params, grads, lr)
-            sparsity = parallel.mean_sparsity(cfg, parts)
+            # free this step's gradients now: kept until the next step replaced them, two sets
+            # would be alive at once (0.5 GB more when continue-training SmolLM2)
+            del grads
+            sparsity = model.average_over_layers(per_layer)             # per_layer: {layer: {site: zeros}}
             dt = time.perf_counter() - t0
             tok_per_s = tokens_per_step / dt if tok_per_s is None else 0.9 * tok_per_s + 0.1 * tokens_per_step / dt
             last.update(train_loss=loss, sparsity=sparsity)
@@ -340,7 +344,7 @@ def train(tc, given=(), progress=True, log=print):
         if bar:
             bar.close()
         metrics.close()
-    measured = model.activated_params(cfg, parallel.measured_sparsity(cfg, parts)) if tc.max_iters > start_iter else None
+    measured = model.activated_params(cfg, per_layer) if per_layer is not None else None
     return {"iters": last_saved, "interrupted": stopped, "seconds": time.perf_counter() - t_start,
             "val_loss": last.get("val_loss"), "train_loss": last.get("eval_train_loss"),
             "sparsity": last.get("sparsity"), "N": N, "N_a": N_a, "N_a_measured": measured,

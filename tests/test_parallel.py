@@ -22,45 +22,57 @@ def test_split_sizes():
     assert parallel.split(7, 0) == [slice(0, 7)]
 
 
-@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("sparsity, nm, kw", [
     (0.0, None, {}),
     (0.5, None, {}),
     (0.0, (2, 4), dict(activation="swiglu", n_kv_head=2, tie_embeddings=True)),
 ])
-def test_split_batch_equals_whole_batch(threads, sparsity, nm, kw):
+def test_split_batch_equals_whole_batch(threads, sparsity, nm, kw, monkeypatch):
     cfg, params, x, y = setup(sparsity, nm, **kw)
-    loss1, g1, parts1 = parallel.forward_backward(params, cfg, x, y, threads=1)
-    lossN, gN, partsN = parallel.forward_backward(params, cfg, x, y, threads=threads)
-    assert len(parts1) == 1 and len(partsN) == threads              # 5 sequences: 2 + 3, or 1 + 2 + 2
-    assert [n for n, _ in partsN] == [(s.stop - s.start) * 8 for s in parallel.split(5, threads)]
     _, ref_loss, caches = model.forward(params, cfg, x, y)
-    assert loss1 == float(ref_loss)                                  # threads=1 is the plain path
-    assert abs(lossN - loss1) <= 1e-14
-    assert g1.keys() == gN.keys() == params.keys()
-    for k in g1:
-        np.testing.assert_allclose(gN[k], g1[k], rtol=0, atol=1e-14, err_msg=k)
-    ref = model.mean_sparsity(cfg, caches)
-    got = parallel.mean_sparsity(cfg, partsN)
-    assert got.keys() == ref.keys()
-    for site in ref:
-        assert got[site] == pytest.approx(ref[site], abs=1e-12)
-    per_layer = parallel.measured_sparsity(cfg, partsN)
-    for l, sites in model.measured_sparsity(cfg, caches).items():
-        for site, frac in sites.items():
-            assert per_layer[l][site] == pytest.approx(frac, abs=1e-12)
+    ref_zeros = model.measured_sparsity(cfg, caches)
+    ref_grads = model.backward(params, cfg, caches)
+    ran = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda p, c, xx, yy: ran.append(xx.shape[0]) or forward(p, c, xx, yy))
+    loss, grads, zeros = parallel.forward_backward(params, cfg, x, y, threads=threads)
+    assert sorted(ran) == sorted(s.stop - s.start for s in parallel.split(5, threads))   # 5 = 2 + 3, 1 + 2 + 2
+    if threads == 1:
+        assert loss == float(ref_loss)                           # the plain path, exactly
+    assert abs(loss - float(ref_loss)) <= 1e-14
+    assert grads.keys() == params.keys()
+    for k in grads:
+        np.testing.assert_allclose(grads[k], ref_grads[k], rtol=0, atol=1e-14, err_msg=k)
+    assert zeros.keys() == ref_zeros.keys()
+    for l in ref_zeros:
+        for site, frac in ref_zeros[l].items():
+            assert zeros[l][site] == pytest.approx(frac, abs=1e-12)
+
+
+def test_consuming_backward_gives_the_same_gradients_and_empties_the_layer_caches():
+    cfg, params, x, y = setup(0.5)
+    _, _, c1 = model.forward(params, cfg, x, y)
+    _, _, c2 = model.forward(params, cfg, x, y)
+    g1 = model.backward(params, cfg, c1)
+    g2 = model.backward(params, cfg, c2, consume=True)
+    assert all(np.array_equal(g1[k], g2[k]) for k in g1)
+    assert all(l in c1 for l in range(cfg.n_layer)) and not any(l in c2 for l in range(cfg.n_layer))
 
 
 def test_split_batch_is_repeatable():
     cfg, params, x, y = setup(0.5, B=6)
     a = parallel.forward_backward(params, cfg, x, y, threads=2)
     b = parallel.forward_backward(params, cfg, x, y, threads=2)
-    assert a[0] == b[0]
+    assert a[0] == b[0] and a[2] == b[2]
     assert all(np.array_equal(a[1][k], b[1][k]) for k in a[1])
 
 
 def test_without_threadpoolctl_the_batch_is_not_split(monkeypatch):
     cfg, params, x, y = setup()
     monkeypatch.setattr(parallel, "_blas_at_one_thread", lambda: None)
-    _, _, parts = parallel.forward_backward(params, cfg, x, y, threads=2)
-    assert len(parts) == 1
+    ran = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda p, c, xx, yy: ran.append(xx.shape[0]) or forward(p, c, xx, yy))
+    parallel.forward_backward(params, cfg, x, y, threads=2)
+    assert ran == [5]
