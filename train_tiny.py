@@ -3,7 +3,7 @@
 Flags are named as in nanoGPT and map one to one onto minisparse.train.TrainConfig;
 `--key value` and `--key=value` both work. `python train_tiny.py --help` lists them all.
 Examples:
-    python train_tiny.py                                   # Q-Sparse at 50%, ~5 min on 2 cores
+    python train_tiny.py                                   # Q-Sparse at 50%, ~3 min on 2 cores
     python train_tiny.py --sparsity 0 --out_dir out-dense  # the dense baseline
     python train_tiny.py --nm 16:32                        # Block Q-Sparse, 16 kept of every 32
     python train_tiny.py --resume                          # continue an interrupted run

@@ -245,7 +245,8 @@ for name in ("dense", "s0.5", "s0.8", "s0.5_noste"):
 
 # %% [markdown]
 # Two things to check in the plot and in code. First, at the top-K sites the measured
-# sparsity never moves: it is set by K, whatever the weights do. Second, the dense model's
+# sparsity never moves: it is set by K, whatever the weights do (up to a stray exact zero
+# in the input now and then: one entry in 32,768 at a step is 0.00003). Second, the dense model's
 # down projection still receives many zeros (ReLU²'s alone), and that fraction changes
 # as the model trains. Where ReLU² leaves fewer zeros than top-K asks for, top-K decides
 # and the down site reads (Hd - K) / Hd (154/192 = 0.802 at S = 0.8, with Hd = 192);
@@ -257,10 +258,10 @@ for name in ("dense", "s0.5", "s0.8", "s0.5_noste"):
     for site, D in (("qkv", 64), ("o", 64), ("up_gate", 64)):
         logged = np.array([m["sparsity"][site] for m in metrics[name][0]])
         expected = (D - kept_count(D, S)) / D
-        np.testing.assert_allclose(logged, expected, rtol=0, atol=1e-12)   # fixed at every step
+        assert (logged >= expected - 1e-12).all() and (logged - expected).max() < 1e-3   # fixed at every step
 dense_down = np.array([m["sparsity"]["down"] for m in metrics["dense"][0]])
 assert dense_down.max() - dense_down.min() > 0.05, "ReLU²'s natural zeros should drift during training"
-print("top-K sites: measured sparsity equals (D - K) / D at every step; the dense down site drifted by "
+print("top-K sites: measured sparsity equals (D - K) / D at every step (to < 0.001); the dense down site drifted by "
       f"{dense_down.max() - dense_down.min():.3f}")
 
 # %% [markdown]

@@ -11,6 +11,7 @@ One file per concept; each opens with the equation it implements:
     embedding.py  token embedding;  loss.py  softmax cross-entropy
     model.py      the GPT: config, parameters, forward, backward, measured sparsity, N_a
     optimizer.py  AdamW and gradient clipping;  schedule.py  warmup + cosine learning rate
+    parallel.py   the batch split over CPU threads, their gradients summed
 """
 
 from .errors import UsageError  # noqa: F401

@@ -30,6 +30,7 @@ from .model import ACTIVATIONS, SITES, head_weight, repeat_kv
 from .norm import rmsnorm_forward
 from .rope import rope_forward
 from .rowsparse import input_major, rows_matvec
+from .topk import kept_count, topk_nonzero
 
 # the weights of each site's projection, in the order their outputs are used
 SITE_WEIGHTS = {"qkv": ("attn.wq", "attn.wk", "attn.wv"), "o": ("attn.wo",),
@@ -83,11 +84,13 @@ def _rowsparse_projection(x, wt, sizes, spec, method):
     """x (B, T, D) -> [y_i (B, T, O_i)], zero fraction: each token reads only its selected rows of wt."""
     B, T, D = x.shape
     xp = array_module(x)
-    xs, _ = sparsify(x.reshape(B * T, D), spec)                             # (N, D)
+    topk = spec.nm is None                     # top-K: the kept positions straight from |x| (topk.py)
+    xs = x.reshape(B * T, D) if topk else sparsify(x.reshape(B * T, D), spec)[0]   # (N, D)
+    k = kept_count(D, spec.sparsity) if topk else D
     y = xp.empty((B * T, wt.shape[1]), dtype=x.dtype)
     nonzero = 0
     for n in range(B * T):
-        idx = xp.flatnonzero(xs[n])                                         # (K',) K' <= K
+        idx = topk_nonzero(xs[n], k) if topk else xs[n].nonzero()[0]      # (K',) K' <= K, nonzero only
         nonzero += idx.shape[0]
         y[n] = rows_matvec(xs[n, idx], idx, wt, method)
     ys, start = [], 0

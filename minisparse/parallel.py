@@ -11,12 +11,13 @@ made in another order). Top-K and N:M act per token, so a part sees the same mas
 would inside the full batch.
 
 Why: NumPy runs every elementwise operation (norms, RoPE, softmax, ReLU2, top-K) on one
-core, and small matrix products split poorly over BLAS threads. Here each thread runs the
+core, and BLAS gains less than 2x from 2 threads on small products (41 -> 27 ms a step's
+worth at the benchmark's shapes). Here each thread runs the
 whole forward and backward of its part on one core, with BLAS at one thread per caller,
 and NumPy releases Python's GIL inside its operations, so the parts run at the same time.
-On the 2-core benchmark machine this takes a step from 59 to 47 ms (benchmarks/
-train_speed.py), with the same thread count PyTorch is given there. CPU only: on the GPU,
-CuPy already runs each operation over the whole device.
+On the 2-core benchmark machine a step takes 56 ms this way against 65 ms with one thread
+(benchmarks/logs/cpu_train.txt), the same thread count PyTorch is given there. CPU only: on
+the GPU, CuPy already runs each operation over the whole device.
 """
 
 import os
@@ -39,7 +40,7 @@ def auto_threads(n_params):
     """--threads 0: one thread per core for models up to 20M parameters, else 1.
 
     Every extra thread holds a whole copy of the gradients until they are summed. For a
-    small model that costs little, and splitting pays (0.8M parameters: 72 -> 56 ms a step
+    small model that costs little, and splitting pays (0.8M parameters: 65 -> 56 ms a step
     on 2 cores). For a large one the matrix products dominate, BLAS already splits them
     well, and the copy is expensive: SmolLM2-135M took the same 3.6-3.8 s a step either way,
     and 2 threads needed 0.5 GB more memory."""

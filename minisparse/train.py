@@ -44,7 +44,7 @@ ARCH_FIELDS = ("n_layer", "n_head", "n_embd", "n_hidden", "block_size", "activat
 
 @dataclass
 class TrainConfig:
-    """Every flag of train_tiny.py, one to one. The defaults train a good tiny model in ~5 minutes."""
+    """Every flag of train_tiny.py, one to one. The defaults train a good tiny model in ~3 minutes."""
     out_dir: str = "out-tiny"        # where checkpoints and metrics.jsonl go
     data: str = "pydoc"              # 'pydoc' (built in), 'shakespeare' (downloaded once) or a text file
     tokenizer: str = "char"          # 'char' or 'bpe'

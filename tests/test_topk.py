@@ -8,7 +8,7 @@ import pytest
 from minisparse.errors import UsageError
 from minisparse.linear import SparseSpec, sparse_linear_backward, sparse_linear_forward, sparsify, zero_fraction
 from minisparse.nm import nm_mask
-from minisparse.topk import kept_count, topk_backward, topk_forward, topk_mask, topk_values
+from minisparse.topk import kept_count, topk_backward, topk_forward, topk_mask, topk_nonzero, topk_values
 
 
 def reference_topk_mask(x, k):
@@ -52,6 +52,18 @@ def test_topk_values_equal_x_times_the_exact_mask(k):
         assert (topk_values(x, k) != 0).sum(axis=-1).max() <= k, kind
     x3 = rng.integers(-3, 4, size=(3, 5, 16)).astype(np.float32)          # ties at t > 0, 3-d
     np.testing.assert_array_equal(topk_values(x3, 6), x3 * reference_topk_mask(x3, 6))
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, 12, 23, 24])
+def test_topk_nonzero_are_the_nonzero_kept_positions(k):
+    """The decode path's selection: exactly the positions where x * mask is nonzero, ascending."""
+    rng = np.random.default_rng(200 + k)
+    for kind, x in row_kinds(rng):
+        for row in x:
+            want = np.flatnonzero(row * reference_topk_mask(row[None], k)[0])
+            got = topk_nonzero(row, k)
+            np.testing.assert_array_equal(got, want, err_msg=kind)
+            assert got.dtype.kind == "i"
 
 
 def test_topk_uses_magnitude_not_sign():
