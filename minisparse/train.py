@@ -87,7 +87,7 @@ class TrainConfig:
                 raise UsageError(f"--{name} {v!r} is not allowed: it must be a whole number >= 1.")
         if not isinstance(self.threads, int) or self.threads < 0:
             raise UsageError(f"--threads {self.threads!r} is not allowed: it must be a whole number >= 0 "
-                             "(0 = one per core).")
+                             "(0 = auto: one per core for small models).")
         if not isinstance(self.warmup_iters, int) or self.warmup_iters < 0:
             raise UsageError(f"--warmup_iters {self.warmup_iters!r} is not allowed: it must be >= 0.")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
@@ -321,7 +321,7 @@ def train(tc, given=(), progress=True, log=print):
             lr = lr_at(it, tc.learning_rate, tc.min_lr, tc.warmup_iters, tc.max_iters)
             opt.step(params, grads, lr)
             # free this step's gradients now: kept until the next step replaced them, two sets
-            # would be alive at once (0.5 GB more when continue-training SmolLM2)
+            # would be alive at once (for SmolLM2 the gradients alone are 0.5 GB)
             del grads
             sparsity = model.average_over_layers(per_layer)             # per_layer: {layer: {site: zeros}}
             dt = time.perf_counter() - t0
