@@ -92,4 +92,22 @@ def retain_freed_memory():
         return False
 
 
+_blas_controller = None
+
+
+def blas_threads(n):
+    """A context in which BLAS runs each call with n threads (threadpoolctl), or None where
+    threadpoolctl is not installed. The controller, which finds the BLAS libraries loaded in
+    the process, is made once: a fresh threadpool_limits searches them again each time
+    (340 us against 13 us, once per training step)."""
+    global _blas_controller
+    if _blas_controller is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            return None
+        _blas_controller = ThreadpoolController()
+    return _blas_controller.limit(limits=n, user_api="blas")
+
+
 set_device(os.environ.get("MINISPARSE_DEVICE", "cpu"))

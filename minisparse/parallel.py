@@ -23,7 +23,7 @@ the GPU, CuPy already runs each operation over the whole device.
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-from . import model
+from . import backend, model
 
 _pools = {}
 
@@ -47,16 +47,6 @@ def auto_threads(n_params):
     return cores() if n_params <= 20_000_000 else 1
 
 
-def _blas_at_one_thread():
-    """A context in which BLAS runs each call in its caller's thread (threadpoolctl), or None
-    when threadpoolctl is missing: then the parts are not run in parallel."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return None
-    return threadpool_limits(1, user_api="blas")
-
-
 def split(B, threads):
     """Slices of the B sequences for min(threads, B) parts, sizes differing by at most 1."""
     parts = max(1, min(threads, B))
@@ -73,7 +63,8 @@ def forward_backward(params, cfg, x, y, threads=1):
     the backward, which frees each layer's activations as it goes (model.backward's consume)."""
     B, T = x.shape
     parts = split(B, threads)
-    limit = _blas_at_one_thread() if len(parts) > 1 else None
+    # BLAS at one thread per caller; without threadpoolctl (None) the batch is not split
+    limit = backend.blas_threads(1) if len(parts) > 1 else None
 
     def run(part):
         w = (part.stop - part.start) / B                   # N_p / N: every sequence has T tokens
@@ -82,7 +73,7 @@ def forward_backward(params, cfg, x, y, threads=1):
         return w * float(loss), model.backward(params, cfg, caches, dloss=w, consume=True), w, zeros
 
     if limit is None:
-        results = [run(parts[0] if len(parts) == 1 else slice(0, B))]
+        results = [run(slice(0, B))]
     else:
         if len(parts) not in _pools:
             _pools[len(parts)] = ThreadPoolExecutor(len(parts), thread_name_prefix="minisparse-part")

@@ -22,7 +22,7 @@ On CuPy arrays a RawKernel does the same on the GPU (`_cuda_rows_matvec`).
 
 import numpy as np
 
-from .backend import array_module
+from .backend import array_module, blas_threads
 
 try:                                   # optional: pip install numba
     import numba
@@ -157,13 +157,8 @@ def quiet_blas(method="auto"):
     Needs threadpoolctl (requirements.txt); without it, nothing changes."""
     import contextlib
     resolved = best_method() if method == "auto" else method
-    if resolved != "numba":
-        return contextlib.nullcontext()
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
+    limit = blas_threads(1) if resolved == "numba" else None
+    return contextlib.nullcontext() if limit is None else limit
 
 
 def best_method():

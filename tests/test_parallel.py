@@ -70,7 +70,7 @@ def test_split_batch_is_repeatable():
 
 def test_without_threadpoolctl_the_batch_is_not_split(monkeypatch):
     cfg, params, x, y = setup()
-    monkeypatch.setattr(parallel, "_blas_at_one_thread", lambda: None)
+    monkeypatch.setattr(parallel.backend, "blas_threads", lambda n: None)
     ran = []
     forward = model.forward
     monkeypatch.setattr(model, "forward", lambda p, c, xx, yy: ran.append(xx.shape[0]) or forward(p, c, xx, yy))
