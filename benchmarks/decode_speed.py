@@ -1,19 +1,23 @@
 """Sparse decoding against dense: one projection at batch 1, then whole-model decode tokens/s.
 
     python benchmarks/decode_speed.py                   # CPU (NumPy; numba kernel if installed)
-    python benchmarks/decode_speed.py --device gpu      # CuPy: cuBLAS against the RawKernel
+    python benchmarks/decode_speed.py --device gpu      # CuPy: cuBLAS against rowsparse.cu's kernels
 
 Part 1, for D inputs and O = 3 D outputs (a fused q/k/v projection) at sparsity S:
   dense   x @ W^T with the (O, D) training layout: what `generate.py --sparsity 0` runs
-  sparse  select the top-K of |x| (topk.topk_nonzero, as decode.py does; included in the time), then
-          rowsparse.rows_matvec on the input-major Wt (D, O), reading only K rows
-  kernel  the same product with the indices given (the part the kernel itself costs)
-On the GPU, dense and kernel are GPU times from CUDA events (cupyx.profiler.benchmark);
-sparse is wall time, since selecting the indices synchronises with the host.
+  sparse  select the top-K of |x| and multiply only those rows of the input-major Wt (D, O), as
+          decode.py does (rowsparse.topk_rows_matvec; the selection is included in the time)
+  kernel  the product alone, with the indices given
 speedup = dense / sparse, ideal = 1 / (1 - S), efficiency = speedup / ideal.
+Each call reads a different copy of the weights, enough copies to pass twice the last-level
+cache (--cache_mb), so that the weights come from main memory as a model's many matrices would,
+not from a cache that one repeated matrix fits in.
+CPU times are wall times, the median of --repeats calls; dense, sparse and kernel take turns in
+blocks (interleaved_ms). GPU times are device times: 20 calls queued behind a kernel that holds
+the GPU, so that they run back to back, timed by CUDA events (median of --repeats), free of
+Python's launch overhead; part 2's whole-model decode shows what Python's launches cost.
 Part 2: a random-weight model with n_embd 2048, decoding one token at a time after a short
 prompt, with --sparsity 0 (dense product) against 50% top-K with DecodeWeights.
-Each time is the median of --repeats calls after a warm-up.
 """
 
 import argparse
@@ -26,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-from benchmarks.machine import describe  # noqa: E402
+from benchmarks.machine import describe, last_level_cache_mb  # noqa: E402
 from minisparse import backend, model, rowsparse  # noqa: E402
 from minisparse.decode import DecodeWeights, decode_forward, new_cache  # noqa: E402
 from minisparse.linear import SparseSpec  # noqa: E402
@@ -44,60 +48,107 @@ def timer(xp):
     return t
 
 
-def median_ms(f, clock, repeats, gpu_time=False):
-    """Median wall time of f() in ms; with gpu_time, the median GPU time (CUDA events) instead."""
-    if gpu_time:
-        from cupyx.profiler import benchmark
-        return 1e3 * float(np.median(benchmark(f, n_repeat=repeats, n_warmup=3).gpu_times))
-    f()
+def interleaved_ms(fs, clock, repeats, rounds=4, settle_s=0.2):
+    """The median wall time in ms of each f in fs over calls f(i), i = 0 .. repeats-1, made in
+    `rounds` rounds of a block of calls to each f in turn, so that the slow spells of a shared
+    machine fall on all of them alike. Before each block, a pause of settle_s: after a call,
+    OpenBLAS's and numba's idle threads spin for up to ~0.1 s, and a call of the other library
+    made then shares the cores with them (calling the two alternately doubled both times); and an
+    untimed call, which wakes the threads that the pause put to sleep."""
+    for f in fs:
+        f(0)
+    ts = [[] for _ in fs]
+    block = -(-repeats // rounds)
+    for r in range(rounds):
+        for f, t in zip(fs, ts):
+            time.sleep(settle_s)
+            f(r * block)                                 # untimed: wakes the threads up
+            for i in range(r * block, min(repeats, (r + 1) * block)):
+                t0 = clock()
+                f(i)
+                t.append(clock() - t0)
+    return [1e3 * float(np.median(t)) for t in ts]
+
+
+_SPIN = r"""extern "C" __global__ void spin(unsigned long long ns) {
+    unsigned long long t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); } while (t - t0 < ns);
+}"""
+
+
+def gpu_ms(f, repeats, calls=20, hold_ms=5.0):
+    """Device time of one f(i) in ms, free of Python's launch overhead: a spin kernel holds the GPU
+    for hold_ms while Python queues f(0) .. f(calls-1) behind it, so that they run back to back
+    (nvbench's "blocking kernel"); CUDA events around the calls time them. The median of `repeats`."""
+    import cupy as cp
+    spin = cp.RawKernel(_SPIN, "spin")
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+    f(0)
+    cp.cuda.Device().synchronize()
     ts = []
     for _ in range(repeats):
-        t0 = clock()
-        f()
-        ts.append(clock() - t0)
-    return 1e3 * float(np.median(ts))
+        spin((1,), (1,), (np.uint64(hold_ms * 1e6),))
+        t0 = time.perf_counter()
+        start.record()
+        for i in range(calls):
+            f(i)
+        end.record()
+        queued = time.perf_counter() - t0
+        end.synchronize()
+        if queued * 1e3 > hold_ms:             # Python fell behind the GPU: the gaps would count
+            raise RuntimeError(f"queueing {calls} calls took {queued * 1e3:.1f} ms, over the {hold_ms} ms hold")
+        ts.append(cp.cuda.get_elapsed_time(start, end) / calls)
+    return float(np.median(ts))
 
 
-def projection_table(xp, method, Ds, Ss, repeats, clock):
-    print(f"\n## one projection, batch 1, O = 3 D outputs, float32, method {method}")
+def projection_table(xp, method, Ds, Ss, repeats, clock, cache_mb):
+    print(f"\n## one projection, batch 1, O = 3 D outputs, float32, method {method}, "
+          f"weights cycled through {2 * cache_mb:.0f} MB (twice the {cache_mb:.0f} MB cache)")
     print(f"{'D':>5} {'S':>5} {'dense ms':>9} {'sparse ms':>10} {'kernel ms':>10} {'speedup':>8} "
           f"{'ideal':>6} {'efficiency':>10}")
+    gpu = xp is not np
     rows = []
     for D in Ds:
         O = 3 * D
         rng = np.random.default_rng(D)
         W = xp.asarray(rng.standard_normal((O, D), dtype=np.float32))
-        Wt = rowsparse.input_major([W])
+        copies = max(2, int(np.ceil(2 * cache_mb * 2**20 / W.nbytes)))
+        Ws = [W] + [W.copy() for _ in range(copies - 1)]             # distinct memory, same values
+        Wts = [rowsparse.input_major([w]) for w in Ws]
         x = xp.asarray(rng.standard_normal((1, D), dtype=np.float32))
-        gpu = xp is not np          # GPU: dense and kernel by CUDA events, without Python's overhead
-        t_dense = median_ms(lambda: x @ W.T, clock, repeats, gpu)
         for S in Ss:
             K = kept_count(D, S)
-
-            def sparse():                       # as decode.py does for one token
-                idx = topk_nonzero(x[0], K)
-                return rowsparse.rows_matvec(x[0, idx], idx, Wt, method)
             idx = topk_nonzero(x[0], K)
             vals = x[0, idx]
-            t_sparse = median_ms(sparse, clock, repeats)
-            t_kernel = median_ms(lambda: rowsparse.rows_matvec(vals, idx, Wt, method), clock, repeats, gpu)
+            fs = [lambda i: x @ Ws[i % copies].T,
+                  # sparse: as decode.py does for one token, selection included
+                  lambda i: rowsparse.topk_rows_matvec(x[0], K, Wts[i % copies], method),
+                  # the product alone, on other copies than the sparse call just read
+                  lambda i: rowsparse.rows_matvec(vals, idx, Wts[(i + copies // 2) % copies], method)]
+            if gpu:
+                t_dense, t_sparse, t_kernel = (gpu_ms(f, repeats) for f in fs)
+            else:
+                t_dense, t_sparse, t_kernel = interleaved_ms(fs, clock, repeats)
             ideal = 1.0 / (1.0 - S)
             spd = t_dense / t_sparse
             rows.append((D, S, t_dense, t_sparse, t_kernel, spd, ideal))
             print(f"{D:5d} {S:5.2f} {t_dense:9.3f} {t_sparse:10.3f} {t_kernel:10.3f} {spd:7.2f}x "
                   f"{ideal:5.2f}x {spd / ideal:9.0%}", flush=True)
-    if xp is not np and 4096 in Ds:          # the CUDA kernel's one tuning knob, at the largest size
-        D, O = 4096, 3 * 4096
-        rng = np.random.default_rng(D)
-        Wt = rowsparse.input_major([xp.asarray(rng.standard_normal((O, D), dtype=np.float32))])
-        x = xp.asarray(rng.standard_normal((1, D), dtype=np.float32))
-        print("\nCUDA kernel, D 4096, GPU ms by rows_per_block:")
-        for S in (0.5, 0.75):
-            idx = topk_nonzero(x[0], kept_count(D, S))
-            vals = x[0, idx]
-            ts = {r: median_ms(lambda: rowsparse.rows_matvec_cuda(vals, idx, Wt, r), clock, repeats, True)
-                  for r in (8, 16, 32, 64, 128, 256)}
-            print(f"  S {S}: " + ", ".join(f"{r}: {t:.4f}" for r, t in ts.items()))
+        if gpu and D == max(Ds):              # the CUDA kernel's knobs, and the bandwidth it reaches
+            print(f"\nCUDA rows_matvec at D {D}, device ms (GB/s of weights read) by rows_per_block x unroll;"
+                  f" cuBLAS dense {t_dense:.4f} ms ({W.nbytes / t_dense / 1e6:.0f} GB/s):")
+            for S in (0.0, 0.5, 0.75):
+                K = kept_count(D, S)
+                idx = topk_nonzero(x[0], K)
+                vals = x[0, idx]
+                cells = []
+                for r in (16, 32, 64, 128):
+                    for u in (4, 8):
+                        t = gpu_ms(lambda i: rowsparse.rows_matvec_cuda(vals, idx, Wts[i % copies], r, u), repeats)
+                        cells.append(f"{r}x{u}: {t:.4f} ({K * O * 4 / t / 1e6:.0f})")
+                print(f"  S {S}: " + ", ".join(cells), flush=True)
+            del Ws, Wts
     return rows
 
 
@@ -151,6 +202,8 @@ def main(argv=None):
     p.add_argument("--n_layer", type=int, default=2)
     p.add_argument("--n_new", type=int, default=24)
     p.add_argument("--skip_model", action="store_true")
+    p.add_argument("--cache_mb", type=float, default=0.0,
+                   help="the last-level cache to defeat, in MB (0: read it from the machine)")
     args = p.parse_args(argv)
     backend.set_device(args.device)
     xp = backend.xp
@@ -159,7 +212,7 @@ def main(argv=None):
     print("machine:", describe(args.device))
     print("command: python benchmarks/decode_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     projection_table(xp, method, [int(d) for d in args.D.split(",")], [float(s) for s in args.S.split(",")],
-                     args.repeats, clock)
+                     args.repeats, clock, args.cache_mb or last_level_cache_mb(args.device))
     if not args.skip_model:
         model_decode(xp, method, args.n_embd, args.n_layer, args.n_new, max(3, args.repeats // 5), clock)
 

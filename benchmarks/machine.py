@@ -33,3 +33,22 @@ def describe(device="cpu"):
         props = cupy.cuda.runtime.getDeviceProperties(0)
         parts.append(f"GPU {props['name'].decode()}, cupy {cupy.__version__}")
     return "; ".join(parts)
+
+
+def last_level_cache_mb(device="cpu"):
+    """The largest cache the weights could sit in, in MB: the CPU's last level (Linux sysfs; 32 if
+    unknown) or the GPU's L2."""
+    if device == "gpu":
+        import cupy
+        return cupy.cuda.runtime.getDeviceProperties(0)["l2CacheSize"] / 2**20
+    best = 32.0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    for index in os.listdir(base) if os.path.isdir(base) else []:
+        try:
+            with open(os.path.join(base, index, "size")) as f:
+                size = f.read().strip()                       # e.g. "307200K"
+            scale = {"K": 2**-10, "M": 1.0, "G": 2**10}.get(size[-1], 2**-20)
+            best = max(best, float(size.rstrip("KMG")) * scale)
+        except (OSError, ValueError, IndexError):             # not a cache folder, or unreadable
+            continue
+    return best

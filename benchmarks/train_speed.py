@@ -184,6 +184,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     backend.set_device(args.device)
     names = list(VARIANTS)
+    if args.device == "gpu":                   # one thread there anyway: the same run as "minisparse dense"
+        names.remove("minisparse dense, --threads 1")
     try:
         if args.no_torch:
             raise ImportError

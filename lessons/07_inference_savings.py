@@ -339,7 +339,10 @@ print(f"the projections are {proj[0] / step:.0%} of a dense decode step ({step *
 # inputs `idx` only, so ReLU²'s own zeros at the down projection are skipped too. Its
 # methods: `gather` (the readable reference above), `chunked` (NumPy, a cache-sized buffer
 # reused), and `numba` (a compiled loop that reads each selected row once, when numba is
-# installed). `minisparse/decode.py`, `DecodeWeights`, holds the input-major copies and
+# installed). On CuPy arrays two CUDA kernels in `minisparse/rowsparse.cu` do it on the GPU:
+# one block finds the top-K (a radix select on the bits of |x|) and writes `idx`, and a second
+# kernel reads only those rows, with no trip to the host in between.
+# `minisparse/decode.py`, `DecodeWeights`, holds the input-major copies and
 # `decode_forward(..., fast=...)` uses them for single tokens; `generate.py` does this by
 # default (`--kernel`). Here it is on the same model, against the dense product:
 

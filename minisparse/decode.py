@@ -23,14 +23,16 @@ its input-major weight Wt = [W_1^T ... W_n^T] that its input selected:
 Prefill batches (more tokens than max_rows) take the masked dense product, as training does.
 """
 
+import numpy as np
+
 from .attention import attention_forward
 from .backend import array_module
 from .linear import sparse_linear_forward, sparsify, zero_fraction
 from .model import ACTIVATIONS, SITES, head_weight, repeat_kv
 from .norm import rmsnorm_forward
 from .rope import rope_forward
-from .rowsparse import input_major, rows_matvec
-from .topk import kept_count, topk_nonzero
+from .rowsparse import input_major, rows_matvec, topk_rows_matvec
+from .topk import kept_count
 
 # the weights of each site's projection, in the order their outputs are used
 SITE_WEIGHTS = {"qkv": ("attn.wq", "attn.wk", "attn.wv"), "o": ("attn.wo",),
@@ -57,12 +59,13 @@ class SparsityMeter:
         self.tokens = {s: 0 for s in SITES}
 
     def add(self, site, n, zero_frac):
-        """n tokens reached `site` with this fraction of zeros in their inputs."""
-        self.zeros[site] += zero_frac * n
+        """n tokens reached `site` with this fraction of zeros in their inputs. On the GPU zero_frac
+        may be a device scalar: it is summed there, and read (a sync) only by mean()."""
+        self.zeros[site] = self.zeros[site] + zero_frac * n
         self.tokens[site] += n
 
     def mean(self):
-        return {s: self.zeros[s] / max(1, self.tokens[s]) for s in SITES}
+        return {s: float(self.zeros[s]) / max(1, self.tokens[s]) for s in SITES}
 
 
 class DecodeWeights:
@@ -78,26 +81,38 @@ class DecodeWeights:
             for site, names in SITE_WEIGHTS.items():
                 Ws = [params[f"h.{l}.{n}"] for n in names]
                 self.wt[l, site] = (input_major(Ws), [W.shape[0] for W in Ws])
+        xp = array_module(params["wte"])
+        if xp is not np and cfg.n_layer > 0:   # compile the CUDA kernels now, not in the first token
+            for wt, _ in self.wt.values():     # (NVRTC takes about a second per input width)
+                topk_rows_matvec(xp.zeros(wt.shape[0], dtype=wt.dtype), 1, wt, method)
 
 
 def _rowsparse_projection(x, wt, sizes, spec, method):
-    """x (B, T, D) -> [y_i (B, T, O_i)], zero fraction: each token reads only its selected rows of wt."""
+    """x (B, T, D) -> [y_i (B, T, O_i)], rows read: each token reads only its selected rows of wt.
+    The count of rows read is an int, or on the GPU a device scalar (reading it would sync)."""
     B, T, D = x.shape
     xp = array_module(x)
     topk = spec.nm is None                     # top-K: the kept positions straight from |x| (topk.py)
     xs = x.reshape(B * T, D) if topk else sparsify(x.reshape(B * T, D), spec)[0]   # (N, D)
     k = kept_count(D, spec.sparsity) if topk else D
-    y = xp.empty((B * T, wt.shape[1]), dtype=x.dtype)
-    nonzero = 0
-    for n in range(B * T):
-        idx = topk_nonzero(xs[n], k) if topk else xs[n].nonzero()[0]      # (K',) K' <= K, nonzero only
-        nonzero += idx.shape[0]
-        y[n] = rows_matvec(xs[n, idx], idx, wt, method)
+    if topk and B * T == 1:                    # one token, the usual decode step: no copy, no sum
+        y, nonzero = topk_rows_matvec(xs[0], k, wt, method)
+        y = y[None]
+    else:
+        y = xp.empty((B * T, wt.shape[1]), dtype=x.dtype)
+        nonzero = 0
+        for n in range(B * T):
+            if topk:                           # topk_nonzero + rows_matvec (GPU: both on the device)
+                y[n], read = topk_rows_matvec(xs[n], k, wt, method)
+            else:                              # N:M: the nonzeros of the sparsified row
+                idx = xs[n].nonzero()[0]
+                y[n], read = rows_matvec(xs[n, idx], idx, wt, method), idx.shape[0]
+            nonzero = nonzero + read
     ys, start = [], 0
     for O in sizes:
         ys.append(y[:, start:start + O].reshape(B, T, O))
         start += O
-    return ys, 1.0 - nonzero / (B * T * D)
+    return ys, nonzero
 
 
 def decode_forward(params, cfg, idx, kv, spec=None, meter=None, fast=None):
@@ -116,7 +131,8 @@ def decode_forward(params, cfg, idx, kv, spec=None, meter=None, fast=None):
 
     def project(l, site, x):
         if rowsparse:
-            ys, zero_frac = _rowsparse_projection(x, *fast.wt[l, site], spec, fast.method)
+            ys, read = _rowsparse_projection(x, *fast.wt[l, site], spec, fast.method)
+            zero_frac = 1.0 - read / (B * Tq * x.shape[-1]) if meter is not None else None
         else:
             ys, c = sparse_linear_forward(x, [params[f"h.{l}.{n}"] for n in SITE_WEIGHTS[site]], spec)
             zero_frac = zero_fraction(c) if meter is not None else None    # counted only if asked

@@ -17,12 +17,17 @@ Three implementations, all equal up to float32 rounding (tests/test_rowsparse.py
              to stay in cache, so main memory is read once; pure NumPy.
   "numba":   a compiled kernel that reads each selected row once, with no copy, threads
              splitting the outputs; used when numba is installed (it is optional).
-On CuPy arrays a RawKernel does the same on the GPU (`_cuda_rows_matvec`).
+On CuPy arrays the CUDA kernels of rowsparse.cu do it on the GPU: `rows_matvec_cuda` for given
+indices, and `topk_rows_matvec_cuda`, which also selects the top-K on the device, so that a decode
+step never waits for the host (the selection by topk_nonzero needs a sort and a sync).
 """
+
+import os
 
 import numpy as np
 
 from .backend import array_module, blas_threads
+from .topk import topk_nonzero
 
 try:                                   # optional: pip install numba
     import numba
@@ -101,50 +106,96 @@ def rows_matvec_numba(vals, idx, Wt, tile=2048):
     return _numba_rows_matvec(vals.astype(Wt.dtype, copy=False), idx, Wt, y, tile)
 
 
-# one thread per 4 outputs (a float4 load), one block per (1024 outputs, 32 selected rows: the
-# fastest of 8..256 on an H200 at D = 4096, benchmarks/decode_speed.py);
-# the blocks of a column add their partial sums with atomicAdd. Reads only the selected rows.
-_CUDA_SRC = r"""
-extern "C" __global__ void rows_matvec(const float* __restrict__ vals, const long long* __restrict__ idx,
-                                       const float* __restrict__ Wt, float* __restrict__ y,
-                                       int K, int O, int rows_per_block) {
-    int j = (blockIdx.x * blockDim.x + threadIdx.x) * 4;
-    int k0 = blockIdx.y * rows_per_block;
-    int k1 = min(K, k0 + rows_per_block);
-    if (j >= O) return;
-    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-    if (j + 3 < O && (O % 4) == 0) {
-        for (int k = k0; k < k1; ++k) {
-            float v = vals[k];
-            float4 w = *reinterpret_cast<const float4*>(Wt + idx[k] * (long long)O + j);
-            a0 += v * w.x; a1 += v * w.y; a2 += v * w.z; a3 += v * w.w;
-        }
-        atomicAdd(y + j, a0); atomicAdd(y + j + 1, a1); atomicAdd(y + j + 2, a2); atomicAdd(y + j + 3, a3);
-    } else {
-        for (int t = 0; t < 4 && j + t < O; ++t) {
-            float a = 0.f;
-            for (int k = k0; k < k1; ++k) a += vals[k] * Wt[idx[k] * (long long)O + j + t];
-            atomicAdd(y + j + t, a);
-        }
-    }
-}
-"""
-_cuda_kernel = None
+# The GPU path: two CUDA kernels in rowsparse.cu (top-K selection on the device, then the
+# row-sparse product), compiled by CuPy on first use.
+CUDA_MAX_D = 1024 * 16                   # topk_select: one block of 1024 threads, <= 16 entries each
+_cuda_modules = {}
+_cuda_scratch = {}
 
 
-def rows_matvec_cuda(vals, idx, Wt, rows_per_block=32):
-    """The GPU kernel (CuPy, float32): y = vals @ Wt[idx] without copying the rows."""
-    global _cuda_kernel
+def _cuda_kernel(name, unroll=8, per_thread=16):
+    """The kernel `name` of rowsparse.cu, compiled once per (unroll, per_thread): the rows whose loads
+    rows_matvec keeps in flight, and the entries each thread of topk_select holds in registers. The
+    selection's loops are unrolled to per_thread, so it is compiled for the smallest power of 2 that
+    holds D: at D = 4096 on an H200 the 4-entry build takes 5.7-7.7 us, the 16-entry one 11.4-14.0
+    (benchmarks/logs/gpu_select.txt)."""
     import cupy as cp
-    if _cuda_kernel is None:
-        _cuda_kernel = cp.RawKernel(_CUDA_SRC, "rows_matvec")
-    K, O = idx.shape[0], Wt.shape[1]
-    y = cp.zeros(O, dtype=cp.float32)
-    threads = 256
-    grid = ((O + 4 * threads - 1) // (4 * threads), max(1, (K + rows_per_block - 1) // rows_per_block))
-    _cuda_kernel(grid, (threads,), (vals.astype(cp.float32, copy=False), idx.astype(cp.int64, copy=False),
-                                    Wt, y, np.int32(K), np.int32(O), np.int32(rows_per_block)))
+    if (unroll, per_thread) not in _cuda_modules:
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "rowsparse.cu")) as f:
+            _cuda_modules[unroll, per_thread] = cp.RawModule(
+                code=f.read(), options=(f"-DROWS_UNROLL={unroll}", f"-DSELECT_PER_THREAD={per_thread}"))
+    return _cuda_modules[unroll, per_thread].get_function(name)
+
+
+def cuda_rows_per_block(K, O):
+    """How many selected rows one block of rows_matvec takes: about 6 blocks per SM in all, each
+    at least 8 rows and at most 64 (fewer rows: more atomics; more: too few blocks to keep the
+    memory busy). Measured on an H200 at D = 4096, O = 12288: 64 rows best at K = 4096, 32 at 2048,
+    16 at 1024 (benchmarks/decode_speed.py --device gpu)."""
+    import cupy as cp
+    dev = cp.cuda.Device()
+    if ("sms", dev.id) not in _cuda_scratch:
+        _cuda_scratch["sms", dev.id] = dev.attributes["MultiProcessorCount"]
+    rows = K * -(-O // 1024) / (6 * _cuda_scratch["sms", dev.id])
+    return int(min(64, max(8, 2 ** round(np.log2(max(rows, 1))))))
+
+
+def _cuda_rows(vals, idx, count, K, Wt, y, rows_per_block, unroll):
+    """Launch rows_matvec for (up to) K selected rows: y += vals[:n] @ Wt[idx[:n]], n = count or K."""
+    O = Wt.shape[1]
+    rows_per_block = rows_per_block or cuda_rows_per_block(K, O)
+    grid = ((O + 1023) // 1024, max(1, (K + rows_per_block - 1) // rows_per_block))
+    _cuda_kernel("rows_matvec", unroll)(
+        grid, (256,), (vals, idx, count if count is not None else idx, np.int32(count is not None),
+                       np.int32(K), Wt, y, np.int32(O), np.int32(rows_per_block)))
     return y
+
+
+def rows_matvec_cuda(vals, idx, Wt, rows_per_block=0, unroll=8):
+    """The GPU kernel (CuPy, float32): y = vals @ Wt[idx] without copying the rows.
+    rows_per_block 0: cuda_rows_per_block's choice."""
+    import cupy as cp
+    y = cp.zeros(Wt.shape[1], dtype=cp.float32)
+    return _cuda_rows(vals.astype(cp.float32, copy=False), idx.astype(cp.int64, copy=False), None,
+                      idx.shape[0], Wt, y, rows_per_block, unroll)
+
+
+def _select_buffers(D):
+    """idx (D,) int64 and vals (D,) float32 for topk_select, made once per D and device and
+    reused: rows_matvec reads them before the next call's topk_select writes them, as both run in
+    order on one stream (a caller running projections on several streams at once must not share them).
+    Why: each CuPy allocation costs ~4 us of Python, as much as the selection's work on the GPU."""
+    import cupy as cp
+    key = (cp.cuda.Device().id, D)
+    if key not in _cuda_scratch:
+        _cuda_scratch[key] = (cp.empty(D, dtype=cp.int64), cp.empty(D, dtype=cp.float32))
+    return _cuda_scratch[key]
+
+
+def topk_rows_matvec_cuda(x, k, Wt, rows_per_block=0, unroll=8):
+    """For one token x (D,) on the GPU: y = vals @ Wt[idx] with idx = topk_nonzero(x, k), vals = x[idx],
+    all on the device (no host sync). Returns y (O,) and n, a 0-d device int32: how many rows were read.
+    x float32, Wt float32 (D, O), D <= CUDA_MAX_D."""
+    import cupy as cp
+    D, O = x.shape[0], Wt.shape[1]
+    idx, vals = _select_buffers(D)
+    n = cp.empty((), dtype=cp.int32)                   # returned: not shared between calls
+    y = cp.empty(O, dtype=cp.float32)                  # zeroed by topk_select
+    per_thread = next(p for p in (1, 2, 4, 8, 16) if 1024 * p >= D)
+    _cuda_kernel("topk_select", unroll, per_thread)(
+        (1,), (1024,), (x, np.int32(D), np.int32(k), idx, vals, n, y, np.int32(O)))
+    return _cuda_rows(vals, idx, n, min(max(k, 0), D), Wt, y, rows_per_block, unroll), n
+
+
+def topk_rows_matvec(x, k, Wt, method="auto"):
+    """One token x (D,): y = xs @ Wt with xs = x * topk_mask(x, k), reading only the rows where xs != 0.
+    Returns y (O,) and how many rows were read (an int; on the GPU a device array, not synchronized).
+    The CPU path selects with topk.topk_nonzero, then rows_matvec; the GPU path does both on the device."""
+    xp = array_module(Wt)
+    if xp is not np and Wt.dtype == xp.float32 and x.dtype == xp.float32 and x.shape[0] <= CUDA_MAX_D:
+        return topk_rows_matvec_cuda(x, k, Wt)
+    idx = topk_nonzero(x, k)
+    return rows_matvec(x[idx], idx, Wt, method), idx.shape[0]
 
 
 def quiet_blas(method="auto"):

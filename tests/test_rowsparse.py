@@ -98,7 +98,7 @@ def test_rowsparse_reads_fewer_rows_than_k_when_inputs_are_zero(monkeypatch):
     def spy(vals, idx, Wt, method="auto"):
         seen.append((Wt.shape, idx.shape[0], int(np.count_nonzero(vals))))
         return orig(vals, idx, Wt, method)
-    monkeypatch.setattr("minisparse.decode.rows_matvec", spy)
+    monkeypatch.setattr("minisparse.rowsparse.rows_matvec", spy)     # topk_rows_matvec's call
     decode_forward(params, cfg, np.array([[3]]), new_cache(params, cfg, 1), fast=DecodeWeights(params, cfg))
     K = 32 - round(0.25 * 32)
     by_rows = {shape[0]: (n, nz) for shape, n, nz in seen}
@@ -127,3 +127,73 @@ def test_cuda_kernel_equals_reference(D, O, K):
     ref = rowsparse.rows_matvec_gather(x[idx], idx, Wt)
     got = rowsparse.rows_matvec(cupy.asarray(x[idx]), cupy.asarray(idx), cupy.asarray(Wt))
     np.testing.assert_allclose(cupy.asnumpy(got), ref, rtol=1e-5, atol=1e-5 * max(1.0, np.sqrt(K)))
+
+
+def tie_heavy_rows(D, seed):
+    """Rows that stress the selection: real values, small integers (ties at every threshold, zeros),
+    mostly zeros (ReLU2's), and one value everywhere."""
+    rng = np.random.default_rng(seed)
+    return {"normal": rng.standard_normal(D).astype(np.float32),
+            "integers": rng.integers(-3, 4, D).astype(np.float32),
+            "mostly zero": (rng.standard_normal(D) * (rng.random(D) < 0.2)).astype(np.float32),
+            "constant": np.full(D, -0.5, dtype=np.float32)}
+
+
+@pytest.mark.skipif(not has_gpu(), reason="needs CuPy and a CUDA device")
+@pytest.mark.parametrize("D", [1, 64, 100, 1024, 1500, 4096, 5472, rowsparse.CUDA_MAX_D])
+def test_cuda_topk_select_keeps_exactly_topk_nonzero(D):
+    """With Wt = I, y is the sparsified row itself: each output is one product by 1, so y must equal
+    x * topk_mask(x, k) exactly, ties and zeros included, and the count must be topk_nonzero's."""
+    import cupy
+    from minisparse.topk import topk_mask, topk_nonzero
+    eye = cupy.eye(D, dtype=cupy.float32)
+    for name, x in tie_heavy_rows(D, seed=D).items():
+        for k in sorted({0, 1, D // 3, D // 2, D - 1, D, D + 5}):
+            y, n = rowsparse.topk_rows_matvec_cuda(cupy.asarray(x), k, eye)
+            want = x * topk_mask(x[None], k)[0]
+            np.testing.assert_array_equal(cupy.asnumpy(y), want, err_msg=f"{name} k={k}")
+            assert int(n) == topk_nonzero(x, k).shape[0], (name, k)
+
+
+@pytest.mark.skipif(not has_gpu(), reason="needs CuPy and a CUDA device")
+@pytest.mark.parametrize("D,O,k", [(64, 96, 16), (100, 4097, 37), (2048, 6144, 1024), (5472, 2048, 2736),
+                                   (rowsparse.CUDA_MAX_D + 8, 64, 100)])
+def test_cuda_topk_rows_matvec_equals_reference(D, O, k):
+    """The device path (selection and product, or past CUDA_MAX_D topk_nonzero and the kernel) equals
+    topk_nonzero + the gather reference, for the kernel's unrolls and block heights too."""
+    import cupy
+    from minisparse.topk import topk_nonzero
+    W, x, _ = case(D, (O,), 0, seed=k)
+    Wt = rowsparse.input_major(W)
+    idx = topk_nonzero(x, k)
+    ref = rowsparse.rows_matvec_gather(x[idx], idx, Wt)
+    gx, gWt = cupy.asarray(x), cupy.asarray(Wt)
+    tol = dict(rtol=1e-5, atol=1e-5 * np.sqrt(k))
+    y, n = rowsparse.topk_rows_matvec(gx, k, gWt)
+    np.testing.assert_allclose(cupy.asnumpy(y), ref, **tol)
+    assert int(n) == idx.shape[0]
+    if D <= rowsparse.CUDA_MAX_D:
+        for rows_per_block, unroll in [(16, 4), (64, 8), (7, 8)]:
+            y, _ = rowsparse.topk_rows_matvec_cuda(gx, k, gWt, rows_per_block, unroll)
+            np.testing.assert_allclose(cupy.asnumpy(y), ref, **tol)
+
+
+@pytest.mark.skipif(not has_gpu(), reason="needs CuPy and a CUDA device")
+@pytest.mark.parametrize("activation", ["relu2", "swiglu"])
+def test_cuda_decode_with_rowsparse_weights_equals_masked_product(activation):
+    """A float32 decode on the GPU with DecodeWeights (selection and product on the device) gives the
+    logits and the counted zeros of the masked dense product."""
+    import cupy
+    cfg = model.GPTConfig(vocab_size=29, block_size=12, n_layer=2, n_head=4, n_kv_head=2, n_embd=128,
+                          sparsity=0.5, activation=activation)
+    params = {k: cupy.asarray(v) for k, v in model.init_params(cfg, seed=3).items()}
+    fast = DecodeWeights(params, cfg)
+    idx = cupy.asarray(np.random.default_rng(0).integers(0, 29, (1, 8)))
+    kv_a, kv_b = new_cache(params, cfg, 1), new_cache(params, cfg, 1)
+    meter_a, meter_b = SparsityMeter(), SparsityMeter()
+    for t in range(8):
+        a = decode_forward(params, cfg, idx[:, t:t + 1], kv_a, meter=meter_a)
+        b = decode_forward(params, cfg, idx[:, t:t + 1], kv_b, meter=meter_b, fast=fast)
+        np.testing.assert_allclose(cupy.asnumpy(b), cupy.asnumpy(a), rtol=1e-4, atol=1e-5)
+    for site in meter_a.mean():
+        assert meter_b.mean()[site] == pytest.approx(meter_a.mean()[site], abs=1e-12)

@@ -1,0 +1,34 @@
+"""The decode benchmark's own machinery: the turn-taking timer, the cache size, and one short run."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from benchmarks import decode_speed, machine  # noqa: E402
+
+
+def test_interleaved_ms_takes_turns_in_blocks():
+    calls = []
+    fs = [lambda i, name=name: calls.append((name, i)) for name in "abc"]
+    times = decode_speed.interleaved_ms(fs, clock=lambda: 0.0, repeats=6, rounds=2, settle_s=0.0)
+    assert times == [0.0, 0.0, 0.0]
+    # a warm-up call of each, then per round and function: one untimed call and a block of 3
+    want = [("a", 0), ("b", 0), ("c", 0)]
+    for r in range(2):
+        for name in "abc":
+            want += [(name, 3 * r)] + [(name, i) for i in range(3 * r, 3 * r + 3)]
+    assert calls == want
+
+
+def test_last_level_cache_is_a_positive_size():
+    assert machine.last_level_cache_mb("cpu") >= 32.0
+
+
+def test_decode_benchmark_prints_a_row_per_shape(capsys):
+    rows = decode_speed.projection_table(decode_speed.np, "gather", [64], [0.0, 0.5], repeats=2,
+                                         clock=decode_speed.timer(decode_speed.np), cache_mb=0.5)
+    assert [(D, S) for D, S, *_ in rows] == [(64, 0.0), (64, 0.5)]
+    assert all(t > 0 for row in rows for t in row[2:5])
+    out = capsys.readouterr().out
+    assert "weights cycled through 1 MB" in out and out.count("x ") >= 2
