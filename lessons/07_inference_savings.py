@@ -340,8 +340,9 @@ print(f"the projections are {proj[0] / step:.0%} of a dense decode step ({step *
 # methods: `gather` (the readable reference above), `chunked` (NumPy, a cache-sized buffer
 # reused), and `numba` (a compiled loop that reads each selected row once, when numba is
 # installed). On CuPy arrays two CUDA kernels in `minisparse/rowsparse.cu` do it on the GPU:
-# one block finds the top-K (a radix select on the bits of |x|) and writes `idx`, and a second
-# kernel reads only those rows, with no trip to the host in between.
+# one block finds the top-K (a radix select on the bits of |x|; `rowsparse.radix_select` is the
+# same algorithm in NumPy, to read and test without a GPU) and writes `idx`, and a second kernel
+# reads only those rows, with no trip to the host in between.
 # `minisparse/decode.py`, `DecodeWeights`, holds the input-major copies and
 # `decode_forward(..., fast=...)` uses them for single tokens; `generate.py` does this by
 # default (`--kernel`). Here it is on the same model, against the dense product:

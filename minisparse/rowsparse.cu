@@ -9,7 +9,8 @@
 //
 // Both run on the device, one after the other in the stream: the index list never travels to the
 // host and nothing waits for it. rows_matvec is launched for K rows and reads the true count
-// (<= K, since zeros are dropped) from device memory. Loaded by rowsparse.py with cupy.RawModule;
+// (<= K, since zeros are dropped) from device memory. rowsparse.radix_select is topk_select's
+// algorithm in NumPy, tested on any machine. Loaded by rowsparse.py with cupy.RawModule;
 // `nvcc -arch=sm_90 -cubin rowsparse.cu` compiles it alone.
 
 #ifndef ROWS_UNROLL

@@ -164,6 +164,40 @@ def rows_matvec_cuda(vals, idx, Wt, rows_per_block=0, unroll=8):
                       idx.shape[0], Wt, y, rows_per_block, unroll)
 
 
+def radix_select(x, k):
+    """The selection of rowsparse.cu's topk_select, in NumPy, so that the kernel's algorithm can
+    be read and checked without a GPU: for one row x (D,), the ascending positions it keeps,
+    equal to topk.topk_nonzero(x, k) (tests/test_rowsparse.py).
+
+    key = the bits of |x| as uint32 (for floats >= 0 the order of the bits is the order of the
+    values). The K-th largest key t is found a byte at a time from the top: among the keys that
+    start with the bytes found so far, count each value of the next byte and take the byte where
+    the count from the top reaches `rest`, the number still to keep. Kept: key > t, and the first
+    `rest` keys equal to t > 0 by position. If the whole byte's keys are kept, the search stops
+    early with t just below them."""
+    key = np.abs(np.asarray(x, dtype=np.float32)).view(np.uint32)       # (D,)
+    D = key.shape[0]
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    t, rest = 0, 0                                   # k >= D: every nonzero key
+    if k < D:
+        prefix, high, rest = 0, 0, k
+        for shift in (24, 16, 8, 0):
+            hist = np.bincount((key[(key & high) == prefix] >> shift) & 255, minlength=256)   # (256,)
+            above = hist[::-1].cumsum()[::-1] - hist                # keys in higher bytes than b
+            byte = int(np.flatnonzero((above < rest) & (rest <= above + hist))[0])
+            prefix |= byte << shift
+            high |= 255 << shift
+            rest -= int(above[byte])
+            if rest == hist[byte]:                   # the whole byte is kept: key >= prefix
+                t, rest = max(prefix - 1, 0), 0
+                break
+            t = prefix
+    tie = (key == t) & (t > 0)
+    keep = (key > t) | (tie & (np.cumsum(tie) <= rest))
+    return np.flatnonzero(keep)
+
+
 def _select_buffers(D):
     """idx (D,) int64 and vals (D,) float32 for topk_select, made once per D and device and
     reused: rows_matvec reads them before the next call's topk_select writes them, as both run in

@@ -139,6 +139,19 @@ def tie_heavy_rows(D, seed):
             "constant": np.full(D, -0.5, dtype=np.float32)}
 
 
+@pytest.mark.parametrize("D", [1, 2, 7, 64, 100, 1500, 4096])
+def test_radix_select_keeps_exactly_topk_nonzero(D):
+    """The GPU selection's algorithm, in NumPy (runs everywhere): the same positions as topk_nonzero,
+    ties at the threshold and zeros included, and subnormal and negative-zero rows too."""
+    from minisparse.topk import topk_nonzero
+    rows = tie_heavy_rows(D, seed=D)
+    rows["subnormal"] = (rows["normal"] * 1e-40).astype(np.float32)
+    rows["negative zero"] = -np.zeros(D, dtype=np.float32)
+    for name, x in rows.items():
+        for k in sorted({0, 1, D // 3, D // 2, D - 1, D, D + 5}):
+            np.testing.assert_array_equal(rowsparse.radix_select(x, k), topk_nonzero(x, k), err_msg=f"{name} k={k}")
+
+
 @pytest.mark.skipif(not has_gpu(), reason="needs CuPy and a CUDA device")
 @pytest.mark.parametrize("D", [1, 64, 100, 1024, 1500, 4096, 5472, rowsparse.CUDA_MAX_D])
 def test_cuda_topk_select_keeps_exactly_topk_nonzero(D):
