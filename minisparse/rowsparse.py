@@ -144,12 +144,15 @@ def cuda_rows_per_block(K, O):
     return int(min(64, max(8, 2 ** round(np.log2(max(rows, 1))))))
 
 
-def _cuda_rows(vals, idx, count, K, Wt, y, rows_per_block, unroll):
-    """Launch rows_matvec for (up to) K selected rows: y += vals[:n] @ Wt[idx[:n]], n = count or K."""
+def _cuda_rows(vals, idx, count, K, Wt, y, rows_per_block, unroll, per_thread=16):
+    """Launch rows_matvec for (up to) K selected rows: y += vals[:n] @ Wt[idx[:n]], n = count or K.
+    The kernel reads raw memory with O as the row stride: Wt must be C-contiguous."""
+    if not Wt.flags.c_contiguous:
+        raise ValueError("the CUDA row-sparse kernel needs a C-contiguous Wt (rowsparse.input_major makes one)")
     O = Wt.shape[1]
     rows_per_block = rows_per_block or cuda_rows_per_block(K, O)
     grid = ((O + 1023) // 1024, max(1, (K + rows_per_block - 1) // rows_per_block))
-    _cuda_kernel("rows_matvec", unroll)(
+    _cuda_kernel("rows_matvec", unroll, per_thread)(
         grid, (256,), (vals, idx, count if count is not None else idx, np.int32(count is not None),
                        np.int32(K), Wt, y, np.int32(O), np.int32(rows_per_block)))
     return y
@@ -160,8 +163,8 @@ def rows_matvec_cuda(vals, idx, Wt, rows_per_block=0, unroll=8):
     rows_per_block 0: cuda_rows_per_block's choice."""
     import cupy as cp
     y = cp.zeros(Wt.shape[1], dtype=cp.float32)
-    return _cuda_rows(vals.astype(cp.float32, copy=False), idx.astype(cp.int64, copy=False), None,
-                      idx.shape[0], Wt, y, rows_per_block, unroll)
+    return _cuda_rows(cp.ascontiguousarray(vals, dtype=cp.float32), cp.ascontiguousarray(idx, dtype=cp.int64),
+                      None, idx.shape[0], Wt, y, rows_per_block, unroll)
 
 
 def radix_select(x, k):
@@ -216,13 +219,16 @@ def topk_rows_matvec_cuda(x, k, Wt, rows_per_block=0, unroll=8):
     x float32, Wt float32 (D, O), D <= CUDA_MAX_D."""
     import cupy as cp
     D, O = x.shape[0], Wt.shape[1]
+    if D != Wt.shape[0] or D > CUDA_MAX_D:
+        raise ValueError(f"x has {D} entries; the kernel needs Wt's {Wt.shape[0]} rows and at most {CUDA_MAX_D}")
+    x = cp.ascontiguousarray(x, dtype=cp.float32)
     idx, vals = _select_buffers(D)
     n = cp.empty((), dtype=cp.int32)                   # returned: not shared between calls
     y = cp.empty(O, dtype=cp.float32)                  # zeroed by topk_select
     per_thread = next(p for p in (1, 2, 4, 8, 16) if 1024 * p >= D)
     _cuda_kernel("topk_select", unroll, per_thread)(
         (1,), (1024,), (x, np.int32(D), np.int32(k), idx, vals, n, y, np.int32(O)))
-    return _cuda_rows(vals, idx, n, min(max(k, 0), D), Wt, y, rows_per_block, unroll), n
+    return _cuda_rows(vals, idx, n, min(max(k, 0), D), Wt, y, rows_per_block, unroll, per_thread), n
 
 
 def topk_rows_matvec(x, k, Wt, method="auto"):

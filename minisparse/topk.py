@@ -87,7 +87,7 @@ def topk_values(x, k):
     excess = tied & (t > 0)                                     # (N, 1) rows whose ties matter
     if bool(excess.any()):
         rows = xp.nonzero(excess[..., 0])
-        xs[rows] = x[rows] * topk_mask(x[rows], k)
+        xs[rows] = xp.where(topk_mask(x[rows], k), x[rows], 0)      # (inf * False would be NaN)
     return xs
 
 
@@ -107,14 +107,14 @@ def topk_nonzero(x, k):
     if not bool(t[0] > 0):
         return a.nonzero()[0]
     if bool(tied[0]):                                           # lower indices first among the ties
-        return (x * topk_mask(x[None], k)[0]).nonzero()[0]
+        return (topk_mask(x[None], k)[0] & (x != 0)).nonzero()[0]
     return (a >= t).nonzero()[0]
 
 
 def topk_forward(x, k):
     """xs = x * TopK(|x|) with k kept per row. Returns (xs, mask); mask is what backward needs."""
     mask = topk_mask(x, k)
-    return x * mask, mask
+    return array_module(x).where(mask, x, 0), mask             # x * mask, but a dropped inf is 0, not NaN
 
 
 def topk_backward(dxs, mask, ste=True):

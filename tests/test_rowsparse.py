@@ -147,6 +147,8 @@ def test_radix_select_keeps_exactly_topk_nonzero(D):
     rows = tie_heavy_rows(D, seed=D)
     rows["subnormal"] = (rows["normal"] * 1e-40).astype(np.float32)
     rows["negative zero"] = -np.zeros(D, dtype=np.float32)
+    rows["infinities"] = rows["normal"].copy()
+    rows["infinities"][::3] = np.inf * np.sign(rows["normal"][::3])       # more infs than k: ties at inf
     for name, x in rows.items():
         for k in sorted({0, 1, D // 3, D // 2, D - 1, D, D + 5}):
             np.testing.assert_array_equal(rowsparse.radix_select(x, k), topk_nonzero(x, k), err_msg=f"{name} k={k}")

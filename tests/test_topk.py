@@ -151,3 +151,12 @@ def test_sparse_linear_backward_by_definition(spec):
     np.testing.assert_allclose(dx, expected, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(dW1, dy1.reshape(-1, 6).T @ xs.reshape(-1, 16), rtol=1e-12)
     np.testing.assert_allclose(dW2, dy2.reshape(-1, 3).T @ xs.reshape(-1, 16), rtol=1e-12)
+
+
+def test_dropped_infinities_become_zero_not_nan():
+    """More infinities than k tie at the threshold; the dropped ones must give 0 (inf * 0 would be NaN)."""
+    x = np.array([[np.inf, 1.0, -np.inf, 2.0, np.inf]])
+    want = np.array([[np.inf, 0.0, -np.inf, 0.0, 0.0]])                 # k = 2: the first two infinities
+    np.testing.assert_array_equal(topk_values(x, 2), want)
+    np.testing.assert_array_equal(topk_forward(x, 2)[0], want)
+    np.testing.assert_array_equal(topk_nonzero(x[0], 2), [0, 2])
