@@ -82,9 +82,10 @@ class DecodeWeights:
                 Ws = [params[f"h.{l}.{n}"] for n in names]
                 self.wt[l, site] = (input_major(Ws), [W.shape[0] for W in Ws])
         xp = array_module(params["wte"])
-        if xp is not np and cfg.n_layer > 0:   # compile the CUDA kernels now, not in the first token
-            for wt, _ in self.wt.values():     # (NVRTC takes about a second per input width)
-                topk_rows_matvec(xp.zeros(wt.shape[0], dtype=wt.dtype), 1, wt, method)
+        if xp is not np:                       # compile the CUDA kernels now, not in the first token:
+            widths = {wt.shape[0]: wt for wt, _ in self.wt.values()}   # once per input width D
+            for D, wt in widths.items():       # (NVRTC takes about a second each)
+                topk_rows_matvec(xp.zeros(D, dtype=wt.dtype), 1, wt, method)
 
 
 def _rowsparse_projection(x, wt, sizes, spec, method):
