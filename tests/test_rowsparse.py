@@ -8,7 +8,7 @@ of the ordinary decode path."""
 import numpy as np
 import pytest
 
-from conftest import has_gpu
+from conftest import has_gpu, row_kinds
 from minisparse import model, rowsparse
 from minisparse.decode import DecodeWeights, SparsityMeter, decode_forward, new_cache
 from minisparse.linear import SparseSpec
@@ -129,14 +129,9 @@ def test_cuda_kernel_equals_reference(D, O, K):
     np.testing.assert_allclose(cupy.asnumpy(got), ref, rtol=1e-5, atol=1e-5 * max(1.0, np.sqrt(K)))
 
 
-def tie_heavy_rows(D, seed):
-    """Rows that stress the selection: real values, small integers (ties at every threshold, zeros),
-    mostly zeros (ReLU2's), and one value everywhere."""
-    rng = np.random.default_rng(seed)
-    return {"normal": rng.standard_normal(D).astype(np.float32),
-            "integers": rng.integers(-3, 4, D).astype(np.float32),
-            "mostly zero": (rng.standard_normal(D) * (rng.random(D) < 0.2)).astype(np.float32),
-            "constant": np.full(D, -0.5, dtype=np.float32)}
+def one_row_each(D, seed):
+    """conftest.row_kinds as single float32 rows of width D: {kind: x (D,)}."""
+    return {kind: x[0].astype(np.float32) for kind, x in row_kinds(np.random.default_rng(seed), N=1, D=D)}
 
 
 @pytest.mark.parametrize("D", [1, 2, 7, 64, 100, 1500, 4096])
@@ -144,11 +139,11 @@ def test_radix_select_keeps_exactly_topk_nonzero(D):
     """The GPU selection's algorithm, in NumPy (runs everywhere): the same positions as topk_nonzero,
     ties at the threshold and zeros included, and subnormal and negative-zero rows too."""
     from minisparse.topk import topk_nonzero
-    rows = tie_heavy_rows(D, seed=D)
-    rows["subnormal"] = (rows["normal"] * 1e-40).astype(np.float32)
+    rows = one_row_each(D, seed=D)
+    rows["subnormal"] = (rows["distinct"] * 1e-40).astype(np.float32)
     rows["negative zero"] = -np.zeros(D, dtype=np.float32)
-    rows["infinities"] = rows["normal"].copy()
-    rows["infinities"][::3] = np.inf * np.sign(rows["normal"][::3])       # more infs than k: ties at inf
+    rows["infinities"] = rows["distinct"].copy()
+    rows["infinities"][::3] = np.inf * np.sign(rows["distinct"][::3])     # more infs than k: ties at inf
     for name, x in rows.items():
         for k in sorted({0, 1, D // 3, D // 2, D - 1, D, D + 5}):
             np.testing.assert_array_equal(rowsparse.radix_select(x, k), topk_nonzero(x, k), err_msg=f"{name} k={k}")
@@ -162,7 +157,7 @@ def test_cuda_topk_select_keeps_exactly_topk_nonzero(D):
     import cupy
     from minisparse.topk import topk_mask, topk_nonzero
     eye = cupy.eye(D, dtype=cupy.float32)
-    for name, x in tie_heavy_rows(D, seed=D).items():
+    for name, x in one_row_each(D, seed=D).items():
         for k in sorted({0, 1, D // 3, D // 2, D - 1, D, D + 5}):
             y, n = rowsparse.topk_rows_matvec_cuda(cupy.asarray(x), k, eye)
             want = x * topk_mask(x[None], k)[0]

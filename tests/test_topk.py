@@ -5,6 +5,7 @@ derivatives of the forward, so the test is the equation itself (Eq. 12, 13)."""
 import numpy as np
 import pytest
 
+from conftest import row_kinds
 from minisparse.errors import UsageError
 from minisparse.linear import SparseSpec, sparse_linear_backward, sparse_linear_forward, sparsify, zero_fraction
 from minisparse.nm import nm_mask
@@ -19,17 +20,6 @@ def reference_topk_mask(x, k):
     for r in range(x2.shape[0]):
         mask[r, order[r, :k]] = True
     return mask.reshape(x.shape)
-
-
-def row_kinds(rng, N=12, D=24):
-    """Rows that differ; rows of heavy ties; ReLU2 outputs with many exact zeros; identical rows."""
-    yield "distinct", rng.standard_normal((N, D))
-    yield "ties", rng.integers(-2, 3, size=(N, D)).astype(np.float64)
-    g = rng.standard_normal((N, D))
-    yield "relu2_zeros", rng.standard_normal((N, D)) * np.maximum(g, 0) ** 2
-    yield "all_zero", np.zeros((N, D))
-    row = rng.standard_normal(D)
-    yield "identical", np.tile(row, (N, 1))
 
 
 @pytest.mark.parametrize("k", [0, 1, 5, 12, 23, 24])
