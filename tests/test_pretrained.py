@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from minisparse import model, pretrained
-from minisparse.data import load_text, split_ids
+from minisparse.data import load_text
 from minisparse.errors import UsageError
 from minisparse.linear import SparseSpec
 from minisparse.optimizer import AdamW, clip_grad_norm
