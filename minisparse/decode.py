@@ -17,7 +17,7 @@ sparsified projection of a call with at most `fast.max_rows` tokens reads only t
 its input-major weight Wt = [W_1^T ... W_n^T] that its input selected:
 
     xs = sparsify(x)            one token: (D,)
-    idx = nonzero(xs)           the top-K indices, less any that were already 0 (ReLU2's)
+    idx = nonzero(xs)           the top-K (or N:M) indices, less any that were already 0 (ReLU2's)
     y = xs[idx] @ Wt[idx]       (sum O_i,), then split into y_1 .. y_n
 
 Prefill batches (more tokens than max_rows) take the masked dense product, as training does.
@@ -27,11 +27,11 @@ import numpy as np
 
 from .attention import attention_forward
 from .backend import array_module
-from .linear import sparse_linear_forward, sparsify, zero_fraction
+from .linear import sparse_linear_forward, zero_fraction
 from .model import ACTIVATIONS, SITES, head_weight, repeat_kv
 from .norm import rmsnorm_forward
 from .rope import rope_forward
-from .rowsparse import input_major, rows_matvec, topk_rows_matvec
+from .rowsparse import best_method, input_major, nm_rows_matvec, topk_rows_matvec
 from .topk import kept_count
 
 # the weights of each site's projection, in the order their outputs are used
@@ -81,11 +81,17 @@ class DecodeWeights:
             for site, names in SITE_WEIGHTS.items():
                 Ws = [params[f"h.{l}.{n}"] for n in names]
                 self.wt[l, site] = (input_major(Ws), [W.shape[0] for W in Ws])
+        # compile the kernels now, not in the first token, so that a decode's time is the decode's:
+        # CUDA once per input width D (NVRTC takes about a second each); numba once (its first call
+        # loads the compiled kernel from its cache and starts its threads: 0.4 s, where the trained
+        # tiny model decodes 200 tokens in 0.2 s)
         xp = array_module(params["wte"])
-        if xp is not np:                       # compile the CUDA kernels now, not in the first token:
-            widths = {wt.shape[0]: wt for wt, _ in self.wt.values()}   # once per input width D
-            for D, wt in widths.items():       # (NVRTC takes about a second each)
-                topk_rows_matvec(xp.zeros(D, dtype=wt.dtype), 1, wt, method)
+        widths = {wt.shape[0]: wt for wt, _ in self.wt.values()}
+        if xp is np:
+            resolved = best_method() if method == "auto" else method
+            widths = dict(list(widths.items())[:1]) if resolved == "numba" else {}
+        for D, wt in widths.items():
+            topk_rows_matvec(xp.zeros(D, dtype=wt.dtype), 1, wt, method)
 
 
 def _rowsparse_projection(x, wt, sizes, spec, method):
@@ -93,21 +99,21 @@ def _rowsparse_projection(x, wt, sizes, spec, method):
     The count of rows read is an int, or on the GPU a device scalar (reading it would sync)."""
     B, T, D = x.shape
     xp = array_module(x)
-    topk = spec.nm is None                     # top-K: the kept positions straight from |x| (topk.py)
-    xs = x.reshape(B * T, D) if topk else sparsify(x.reshape(B * T, D), spec)[0]   # (N, D)
-    k = kept_count(D, spec.sparsity) if topk else D
-    if topk and B * T == 1:                    # one token, the usual decode step: no copy, no sum
-        y, nonzero = topk_rows_matvec(xs[0], k, wt, method)
+    xs = x.reshape(B * T, D)                                            # (N, D)
+    k = kept_count(D, spec.sparsity)
+
+    def select(row):                           # (D,) -> y (O,), rows read
+        if spec.nm is None:                    # top-K: the kept positions straight from |x| (topk.py)
+            return topk_rows_matvec(row, k, wt, method)
+        return nm_rows_matvec(row, spec.nm[0], spec.nm[1], wt, method)   # N:M: per block (nm.py)
+    if B * T == 1:                             # one token, the usual decode step: no copy, no sum
+        y, nonzero = select(xs[0])
         y = y[None]
-    else:
+    else:                                      # each token its own rows (GPU: no sync for top-K)
         y = xp.empty((B * T, wt.shape[1]), dtype=x.dtype)
         nonzero = 0
         for n in range(B * T):
-            if topk:                           # topk_nonzero + rows_matvec (GPU: both on the device)
-                y[n], read = topk_rows_matvec(xs[n], k, wt, method)
-            else:                              # N:M: the nonzeros of the sparsified row
-                idx = xs[n].nonzero()[0]
-                y[n], read = rows_matvec(xs[n, idx], idx, wt, method), idx.shape[0]
+            y[n], read = select(xs[n])
             nonzero = nonzero + read
     ys, start = [], 0
     for O in sizes:

@@ -27,6 +27,7 @@ import os
 import numpy as np
 
 from .backend import array_module, blas_threads
+from .nm import nm_nonzero
 from .topk import topk_nonzero
 
 try:                                   # optional: pip install numba
@@ -239,6 +240,15 @@ def topk_rows_matvec(x, k, Wt, method="auto"):
     if xp is not np and Wt.dtype == xp.float32 and x.dtype == xp.float32 and x.shape[0] <= CUDA_MAX_D:
         return topk_rows_matvec_cuda(x, k, Wt)
     idx = topk_nonzero(x, k)
+    return rows_matvec(x[idx], idx, Wt, method), idx.shape[0]
+
+
+def nm_rows_matvec(x, keep, block, Wt, method="auto"):
+    """Block Q-Sparse's topk_rows_matvec: one token x (D,), y = xs @ Wt with xs = x * nm_mask(x, keep,
+    block), reading only the rows where xs != 0 (nm.nm_nonzero, then rows_matvec). Returns y (O,) and
+    how many rows were read. Every block of `block` inputs gives at most `keep` rows. On the GPU the
+    selection's nonzero() waits for the device (no N:M selection kernel yet)."""
+    idx = nm_nonzero(x, keep, block)
     return rows_matvec(x[idx], idx, Wt, method), idx.shape[0]
 
 

@@ -12,6 +12,7 @@ from conftest import has_gpu, row_kinds
 from minisparse import model, rowsparse
 from minisparse.decode import DecodeWeights, SparsityMeter, decode_forward, new_cache
 from minisparse.linear import SparseSpec
+from minisparse.nm import nm_mask
 from minisparse.sampling import generate
 
 CPU_METHODS = ["gather", "chunked"] + (["numba"] if rowsparse.numba is not None else [])
@@ -88,6 +89,19 @@ def test_decode_with_rowsparse_equals_masked_decode(method, sparsity, nm, activa
         assert meter_b.mean()[site] == pytest.approx(meter_a.mean()[site], abs=1e-12)
 
 
+@pytest.mark.parametrize("method", CPU_METHODS)
+@pytest.mark.parametrize("keep,block", [(2, 4), (8, 32), (1, 8), (0, 4)])
+def test_nm_rows_matvec_equals_masked_product(method, keep, block):
+    """Block Q-Sparse's one-token product: the N:M-masked input times the weights, reading one row
+    per nonzero kept input (zeros already in x are not read)."""
+    W, x, _ = case(256, (96, 64), 0, seed=keep + block)
+    x[::7] = 0.0
+    xs = x * nm_mask(x, keep, block)
+    y, read = rowsparse.nm_rows_matvec(x, keep, block, rowsparse.input_major(W), method)
+    assert read == np.count_nonzero(xs) <= 256 * keep // block
+    np.testing.assert_allclose(y, np.concatenate([xs @ w.T for w in W]), rtol=1e-5, atol=1e-4)
+
+
 def test_rowsparse_reads_fewer_rows_than_k_when_inputs_are_zero(monkeypatch):
     """ReLU2's own zeros are skipped: the down projection reads only the nonzero inputs."""
     cfg = model.GPTConfig(vocab_size=13, block_size=8, n_layer=1, n_head=2, n_embd=32, sparsity=0.25)
@@ -105,6 +119,19 @@ def test_rowsparse_reads_fewer_rows_than_k_when_inputs_are_zero(monkeypatch):
     assert by_rows[32][0] == K                                                  # qkv, o, up_gate: K rows
     assert all(n == nz for n, nz in by_rows.values())                         # every row read has a nonzero input
     assert by_rows[cfg.n_hidden][0] < cfg.n_hidden - round(0.25 * cfg.n_hidden)  # down: fewer than K
+
+
+@pytest.mark.parametrize("method", ["numba", "gather", "chunked", "no-such-kernel"])
+def test_decode_weights_warm_the_numba_kernel_before_the_first_token(monkeypatch, method):
+    """numba's first call loads the kernel and starts its threads (~0.4 s): DecodeWeights makes it,
+    once, so that generate.py's tokens/s times decoding only. Other methods need no warm-up."""
+    if method == "numba" and rowsparse.numba is None:
+        pytest.skip("numba is not installed")
+    calls = []
+    monkeypatch.setattr("minisparse.decode.topk_rows_matvec", lambda x, k, wt, m: calls.append((x.shape, m)))
+    cfg = model.GPTConfig(vocab_size=13, block_size=8, n_layer=2, n_head=2, n_embd=16, sparsity=0.5)
+    DecodeWeights(model.init_params(cfg, seed=1), cfg, method)
+    assert calls == ([((16,), "numba")] if method == "numba" else [])
 
 
 def test_dense_spec_never_takes_the_rowsparse_path():
@@ -189,13 +216,14 @@ def test_cuda_topk_rows_matvec_equals_reference(D, O, k):
 
 
 @pytest.mark.skipif(not has_gpu(), reason="needs CuPy and a CUDA device")
-@pytest.mark.parametrize("activation", ["relu2", "swiglu"])
-def test_cuda_decode_with_rowsparse_weights_equals_masked_product(activation):
-    """A float32 decode on the GPU with DecodeWeights (selection and product on the device) gives the
-    logits and the counted zeros of the masked dense product."""
+@pytest.mark.parametrize("activation,nm", [("relu2", None), ("swiglu", None), ("relu2", (2, 4))])
+def test_cuda_decode_with_rowsparse_weights_equals_masked_product(activation, nm):
+    """A float32 decode on the GPU with DecodeWeights (top-K: selection and product on the device;
+    N:M: nm_nonzero, then the product kernel) gives the logits and the counted zeros of the masked
+    dense product."""
     import cupy
     cfg = model.GPTConfig(vocab_size=29, block_size=12, n_layer=2, n_head=4, n_kv_head=2, n_embd=128,
-                          sparsity=0.5, activation=activation)
+                          sparsity=0.5, activation=activation, nm=nm)
     params = {k: cupy.asarray(v) for k, v in model.init_params(cfg, seed=3).items()}
     fast = DecodeWeights(params, cfg)
     idx = cupy.asarray(np.random.default_rng(0).integers(0, 29, (1, 8)))

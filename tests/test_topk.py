@@ -8,7 +8,7 @@ import pytest
 from conftest import row_kinds
 from minisparse.errors import UsageError
 from minisparse.linear import SparseSpec, sparse_linear_backward, sparse_linear_forward, sparsify, zero_fraction
-from minisparse.nm import nm_mask
+from minisparse.nm import nm_mask, nm_nonzero
 from minisparse.topk import kept_count, topk_backward, topk_forward, topk_mask, topk_nonzero, topk_values
 
 
@@ -109,6 +109,20 @@ def test_nm_keeps_exactly_keep_per_block(keep, block):
         assert (per_block == keep).all(), kind
         ref = reference_topk_mask(x.reshape(5, D // block, block), keep).reshape(x.shape)
         np.testing.assert_array_equal(mask, ref, err_msg=kind)
+
+
+@pytest.mark.parametrize("keep,block", [(0, 4), (1, 4), (2, 4), (4, 4), (3, 8), (16, 32), (8, 32)])
+def test_nm_nonzero_are_the_nonzero_kept_positions(keep, block):
+    """Block Q-Sparse's decode selection: exactly where x * nm_mask is nonzero, ascending; rows of
+    ties (broken by index), ReLU2 zeros (blocks with fewer than `keep` nonzeros) and constant rows."""
+    rng = np.random.default_rng(300 + 10 * keep + block)
+    for kind, x in row_kinds(rng, N=6, D=64):
+        for row in x:
+            want = np.flatnonzero(row * reference_topk_mask(row.reshape(64 // block, block), keep).reshape(64))
+            got = nm_nonzero(row, keep, block)
+            np.testing.assert_array_equal(got, want, err_msg=kind)
+            assert got.dtype.kind == "i"
+            assert np.bincount(got // block, minlength=64 // block).max(initial=0) <= keep
 
 
 @pytest.mark.parametrize("keep,block,D", [(5, 4, 16), (2, 5, 16), (-1, 4, 16), (2, 0, 16)])
