@@ -41,9 +41,10 @@ def build_parser():
                    help="override the trained sparsity at inference; 0 = dense fallback (default: as trained)")
     p.add_argument("--kernel", default="auto", choices=("auto", "numba", "chunked", "gather", "masked"),
                    help="how a sparse projection is computed when decoding: read only the selected weight "
-                        "rows (auto = numba if installed, else chunked NumPy; with --device gpu any of these "
-                        "runs rowsparse.cu's CUDA kernels), or 'masked' = the full dense product of the "
-                        "masked input, as in training")
+                        "rows (numba, chunked or gather NumPy; with --device gpu any of these runs rowsparse.cu's "
+                        "CUDA kernels), or 'masked' = the full dense product of the masked input, as in training. "
+                        "auto: where it was measured to pay: numba for projections of at least 2^17 weights "
+                        "where numba is installed, masked otherwise; the CUDA kernels on the GPU")
     return p
 
 

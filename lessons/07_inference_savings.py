@@ -49,7 +49,7 @@ import time
 import numpy as np
 import matplotlib.pyplot as plt
 
-from minisparse import model, rowsparse
+from minisparse import model
 from minisparse.model import GPTConfig, SITES, init_params
 from minisparse.linear import SparseSpec, sparse_linear_forward
 from minisparse.topk import kept_count, topk_mask
@@ -342,20 +342,26 @@ print(f"the projections are {proj[0] / step:.0%} of a dense decode step ({step *
 # installed). On CuPy arrays two CUDA kernels in `minisparse/rowsparse.cu` do it on the GPU:
 # one block finds the top-K (a radix select on the bits of |x|; `rowsparse.radix_select` is the
 # same algorithm in NumPy, to read and test without a GPU) and writes `idx`, and a second kernel
-# reads only those rows, with no trip to the host in between.
+# reads only those rows, with no trip to the host in between. A Block Q-Sparse model (lesson 06)
+# decodes the same way: `nm.nm_nonzero` takes the top `keep` of every block of inputs, and
+# `rowsparse.nm_rows_matvec` reads those rows (on the CPU as fast as top-K at the same sparsity).
 # `minisparse/decode.py`, `DecodeWeights`, holds the input-major copies and
 # `decode_forward(..., fast=...)` uses them for single tokens; `generate.py` does this by
-# default (`--kernel`). Here it is on the same model, against the dense product:
+# default (`--kernel`). Its default, 'auto', takes the kernel only where it was measured to pay:
+# numba's for projections of at least 2^17 weights (all of this model's), and the masked product
+# elsewhere, and everywhere without numba (NumPy's row gathers lose to it on the CPU). Here it is
+# on the same model, against the dense product:
 
 # %%
-fast = DecodeWeights(dparams, dcfg)                  # method 'auto': numba if installed
+fast = DecodeWeights(dparams, dcfg)                  # 'auto': numba's kernel where it pays (see below)
 meters["rowsparse"] = SparsityMeter()
 
 def run_fast():
     generate(dparams, dcfg, prompt, n_new, temperature=0, meter=meters["rowsparse"], fast=fast)
 
 t_dense2, t_fast = median_times([lambda: run("dense"), run_fast], repeats=5)
-print(f"row-sparse method: {fast.method if fast.method != 'auto' else rowsparse.best_method()}")
+print(f"row-sparse method: {fast.method}, on {len(fast.wt)} of {dcfg.n_layer * 4} projections "
+      "(the others: the masked product)")
 print(f"decode, batch 1: dense {t_dense2 / n_new * 1e3:.2f} ms/token, row-sparse 50% {t_fast / n_new * 1e3:.2f} "
       f"ms/token (dense / row-sparse = {t_dense2 / t_fast:.2f}x)")
 greedy_fast = generate(dparams, dcfg, prompt, n_new, temperature=0, fast=fast)

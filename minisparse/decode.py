@@ -68,30 +68,47 @@ class SparsityMeter:
         return {s: float(self.zeros[s]) / max(1, self.tokens[s]) for s in SITES}
 
 
-class DecodeWeights:
-    """Every sparsified projection's weights stored input-major, Wt (D, sum O_i), for rowsparse.
+AUTO_MIN_WEIGHTS = 2 ** 17       # 'auto' on the CPU: the fewest weights (D x sum O_i) where numba pays
 
-    A copy: it doubles the projection weights' memory while decoding. `method` picks the
-    row-sparse kernel (rowsparse.METHODS; 'auto' = numba if installed, else NumPy)."""
+
+class DecodeWeights:
+    """Sparsified projections' weights stored input-major, Wt (D, sum O_i), for rowsparse.
+
+    A copy: it doubles those weights' memory while decoding. `method` picks the row-sparse kernel
+    (rowsparse.METHODS). 'auto' takes it only where it was measured to pay (2-core Xeon):
+      - on the CPU, numba's kernel for projections of at least AUTO_MIN_WEIGHTS weights; smaller
+        ones, and every one without numba, keep the masked product (self.wt leaves them out).
+        Below 2^17 weights numba's call costs about what it saves (D = 128, O = 384: 24 us against
+        23 for the masked product), and generate.py then runs BLAS on one thread throughout
+        (rowsparse.quiet_blas): the trained tiny model (n_embd 128) decoded 600 tokens/s
+        row-sparse against 800 masked, taking turns in one process. NumPy's row gathers were
+        slower than the masked product at every size: 'chunked' at 0.20-0.35x of dense at
+        S = 0.5 and 0.41-0.69x at 0.75, D = 1024-4096;
+      - on the GPU, the CUDA kernels for every projection (the tiny model: 91 tokens/s against 55).
+    A named method takes every projection, as the tests and benchmarks need."""
 
     def __init__(self, params, cfg, method="auto", max_rows=4):
-        self.method, self.max_rows = method, max_rows
-        self.wt = {}
+        xp = array_module(params["wte"])
+        self.max_rows = max_rows
+        self.method = best_method() if method == "auto" and xp is np else method
+        auto_cpu = method == "auto" and xp is np
+        self.wt = {}                           # (layer, site) -> (Wt, [O_i]); absent: the masked product
         for l in range(cfg.n_layer):
             for site, names in SITE_WEIGHTS.items():
                 Ws = [params[f"h.{l}.{n}"] for n in names]
+                n_weights = Ws[0].shape[1] * sum(W.shape[0] for W in Ws)          # D x sum O_i
+                if auto_cpu and (self.method != "numba" or n_weights < AUTO_MIN_WEIGHTS):
+                    continue                   # the masked product is as fast or faster here (above)
                 self.wt[l, site] = (input_major(Ws), [W.shape[0] for W in Ws])
         # compile the kernels now, not in the first token, so that a decode's time is the decode's:
         # CUDA once per input width D (NVRTC takes about a second each); numba once (its first call
         # loads the compiled kernel from its cache and starts its threads: 0.4 s, where the trained
         # tiny model decodes 200 tokens in 0.2 s)
-        xp = array_module(params["wte"])
         widths = {wt.shape[0]: wt for wt, _ in self.wt.values()}
         if xp is np:
-            resolved = best_method() if method == "auto" else method
-            widths = dict(list(widths.items())[:1]) if resolved == "numba" else {}
+            widths = dict(list(widths.items())[:1]) if self.method == "numba" else {}
         for D, wt in widths.items():
-            topk_rows_matvec(xp.zeros(D, dtype=wt.dtype), 1, wt, method)
+            topk_rows_matvec(xp.zeros(D, dtype=wt.dtype), 1, wt, self.method)
 
 
 def _rowsparse_projection(x, wt, sizes, spec, method):
@@ -137,7 +154,7 @@ def decode_forward(params, cfg, idx, kv, spec=None, meter=None, fast=None):
     rowsparse = fast is not None and not spec.dense and B * Tq <= fast.max_rows
 
     def project(l, site, x):
-        if rowsparse:
+        if rowsparse and (l, site) in fast.wt:
             ys, read = _rowsparse_projection(x, *fast.wt[l, site], spec, fast.method)
             zero_frac = 1.0 - read / (B * Tq * x.shape[-1]) if meter is not None else None
         else:

@@ -51,7 +51,7 @@ def generate(params, cfg, prompt_ids, max_new_tokens, temperature=1.0, top_k=Non
     if out.shape[1] == 0:
         raise UsageError("the prompt is empty: give at least one token of text.")
     xp = array_module(params["wte"])
-    quiet = quiet_blas(fast.method) if fast is not None and xp is np else contextlib.nullcontext()
+    quiet = quiet_blas(fast.method) if fast is not None and fast.wt and xp is np else contextlib.nullcontext()
     with quiet:                                   # see rowsparse.quiet_blas
         out = _decode_loop(params, cfg, out, max_new_tokens, temperature, top_k, rng, spec, meter, fast, xp,
                            stop_id)

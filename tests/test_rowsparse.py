@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import has_gpu, row_kinds
-from minisparse import model, rowsparse
+from minisparse import decode, model, rowsparse
 from minisparse.decode import DecodeWeights, SparsityMeter, decode_forward, new_cache
 from minisparse.linear import SparseSpec
 from minisparse.nm import nm_mask
@@ -113,7 +113,7 @@ def test_rowsparse_reads_fewer_rows_than_k_when_inputs_are_zero(monkeypatch):
         seen.append((Wt.shape, idx.shape[0], int(np.count_nonzero(vals))))
         return orig(vals, idx, Wt, method)
     monkeypatch.setattr("minisparse.rowsparse.rows_matvec", spy)     # topk_rows_matvec's call
-    decode_forward(params, cfg, np.array([[3]]), new_cache(params, cfg, 1), fast=DecodeWeights(params, cfg))
+    decode_forward(params, cfg, np.array([[3]]), new_cache(params, cfg, 1), fast=DecodeWeights(params, cfg, "gather"))
     K = 32 - round(0.25 * 32)
     by_rows = {shape[0]: (n, nz) for shape, n, nz in seen}
     assert by_rows[32][0] == K                                                  # qkv, o, up_gate: K rows
@@ -132,6 +132,32 @@ def test_decode_weights_warm_the_numba_kernel_before_the_first_token(monkeypatch
     cfg = model.GPTConfig(vocab_size=13, block_size=8, n_layer=2, n_head=2, n_embd=16, sparsity=0.5)
     DecodeWeights(model.init_params(cfg, seed=1), cfg, method)
     assert calls == ([((16,), "numba")] if method == "numba" else [])
+
+
+@pytest.mark.parametrize("with_numba", [True, False])
+def test_auto_takes_the_row_sparse_kernel_only_where_it_pays(monkeypatch, with_numba):
+    """'auto' on the CPU: numba's kernel for projections of >= AUTO_MIN_WEIGHTS weights, the masked
+    product for the rest, and for all of them without numba; the decode gives the same logits."""
+    if with_numba and rowsparse.numba is None:
+        pytest.skip("numba is not installed")
+    if not with_numba:
+        monkeypatch.setattr("minisparse.rowsparse.numba", None)
+    monkeypatch.setattr("minisparse.decode.AUTO_MIN_WEIGHTS", 32 * 96)       # qkv (32 x 96) and up
+    cfg = model.GPTConfig(vocab_size=13, block_size=8, n_layer=2, n_head=2, n_embd=32, sparsity=0.5)
+    params = model.init_params(cfg, seed=1)
+    fast = DecodeWeights(params, cfg)
+    sizes = {(l, site): params[f"h.{l}.{names[0]}"].shape[1] * sum(params[f"h.{l}.{n}"].shape[0] for n in names)
+             for l in range(2) for site, names in decode.SITE_WEIGHTS.items()}
+    if rowsparse.numba is None:
+        assert fast.wt == {} and fast.method == "chunked"
+    else:
+        assert sorted(fast.wt) == sorted(k for k, n in sizes.items() if n >= 32 * 96) and fast.method == "numba"
+        assert ("qkv" in {s for _, s in fast.wt}) and ("o" not in {s for _, s in fast.wt})   # o: 32 x 32
+    idx = np.array([[3, 1, 4, 1, 5]])
+    a = decode_forward(params, cfg, idx, new_cache(params, cfg, 1))
+    kv = new_cache(params, cfg, 1)
+    b = np.concatenate([decode_forward(params, cfg, idx[:, t:t + 1], kv, fast=fast) for t in range(5)], 1)
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
 
 
 def test_dense_spec_never_takes_the_rowsparse_path():
