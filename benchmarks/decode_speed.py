@@ -8,6 +8,8 @@ Part 1, for D inputs and O = 3 D outputs (a fused q/k/v projection) at sparsity 
   sparse  select the top-K of |x| and multiply only those rows of the input-major Wt (D, O), as
           decode.py does (rowsparse.topk_rows_matvec; the selection is included in the time)
   kernel  the product alone, with the indices given
+  nm      Block Q-Sparse at the same S: keep = M (1 - S) of every block of M = --nm_block inputs
+          (rowsparse.nm_rows_matvec, selection included); CPU only (on the GPU its selection syncs)
 speedup = dense / sparse, ideal = 1 / (1 - S), efficiency = speedup / ideal.
 Each call reads a different copy of the weights, enough copies to pass twice the last-level
 cache (--cache_mb), so that the weights come from main memory as a model's many matrices would,
@@ -17,7 +19,7 @@ blocks (interleaved_ms). GPU times are device times: 20 calls queued behind a ke
 the GPU, so that they run back to back, timed by CUDA events (median of --repeats), free of
 Python's launch overhead; part 2's whole-model decode shows what Python's launches cost.
 Part 2: a random-weight model with n_embd 2048, decoding one token at a time after a short
-prompt, with --sparsity 0 (dense product) against 50% top-K with DecodeWeights.
+prompt, with --sparsity 0 (dense product) against 50% top-K, and 50% N:M, with DecodeWeights.
 """
 
 import argparse
@@ -102,12 +104,21 @@ def gpu_ms(f, repeats, calls=20, hold_ms=5.0):
     return float(np.median(ts))
 
 
-def projection_table(xp, method, Ds, Ss, repeats, clock, cache_mb):
-    print(f"\n## one projection, batch 1, O = 3 D outputs, float32, method {method}, "
-          f"weights cycled through {2 * cache_mb:.0f} MB (twice the {cache_mb:.0f} MB cache)")
-    print(f"{'D':>5} {'S':>5} {'dense ms':>9} {'sparse ms':>10} {'kernel ms':>10} {'speedup':>8} "
-          f"{'ideal':>6} {'efficiency':>10}")
+def nm_keep(S, block):
+    """keep such that keep:block is sparsity S, or None where block (1 - S) is not a whole number
+    in 1 .. block - 1 (then N:M has no such sparsity)."""
+    keep = block * (1.0 - S)
+    return int(round(keep)) if abs(keep - round(keep)) < 1e-9 and 1 <= round(keep) < block else None
+
+
+def projection_table(xp, method, Ds, Ss, repeats, clock, cache_mb, nm_block=32):
     gpu = xp is not np
+    nm_block = 0 if gpu else nm_block         # the N:M selection's nonzero() syncs with the GPU
+    print(f"\n## one projection, batch 1, O = 3 D outputs, float32, method {method}, "
+          f"weights cycled through {2 * cache_mb:.0f} MB (twice the {cache_mb:.0f} MB cache)"
+          + (f"; nm = N:M with blocks of {nm_block}" if nm_block else ""))
+    print(f"{'D':>5} {'S':>5} {'dense ms':>9} {'sparse ms':>10} {'kernel ms':>10} {'speedup':>8} "
+          f"{'ideal':>6} {'efficiency':>10}" + (f" {'nm keep':>8} {'nm ms':>7} {'nm speedup':>10}" if nm_block else ""))
     rows = []
     for D in Ds:
         O = 3 * D
@@ -121,20 +132,29 @@ def projection_table(xp, method, Ds, Ss, repeats, clock, cache_mb):
             K = kept_count(D, S)
             idx = topk_nonzero(x[0], K)
             vals = x[0, idx]
+            keep = nm_keep(S, nm_block) if nm_block and D % nm_block == 0 else None
             fs = [lambda i: x @ Ws[i % copies].T,
                   # sparse: as decode.py does for one token, selection included
                   lambda i: rowsparse.topk_rows_matvec(x[0], K, Wts[i % copies], method),
                   # the product alone, on other copies than the sparse call just read
                   lambda i: rowsparse.rows_matvec(vals, idx, Wts[(i + copies // 2) % copies], method)]
+            if keep is not None:              # Block Q-Sparse: the same count of rows, chosen per block
+                fs.append(lambda i: rowsparse.nm_rows_matvec(x[0], keep, nm_block, Wts[i % copies], method))
             if gpu:
-                t_dense, t_sparse, t_kernel = (gpu_ms(f, repeats) for f in fs)
+                ts = [gpu_ms(f, repeats) for f in fs]
             else:
-                t_dense, t_sparse, t_kernel = interleaved_ms(fs, clock, repeats)
+                ts = interleaved_ms(fs, clock, repeats)
+            t_dense, t_sparse, t_kernel = ts[:3]
+            t_nm = ts[3] if keep is not None else None
             ideal = 1.0 / (1.0 - S)
             spd = t_dense / t_sparse
-            rows.append((D, S, t_dense, t_sparse, t_kernel, spd, ideal))
+            rows.append((D, S, t_dense, t_sparse, t_kernel, spd, ideal, t_nm))
+            nm_cells = ""
+            if nm_block:
+                nm_cells = (f" {keep:>5d}:{nm_block:<2d} {t_nm:7.3f} {t_dense / t_nm:9.2f}x" if keep is not None
+                            else f" {'-':>8} {'-':>7} {'-':>10}")
             print(f"{D:5d} {S:5.2f} {t_dense:9.3f} {t_sparse:10.3f} {t_kernel:10.3f} {spd:7.2f}x "
-                  f"{ideal:5.2f}x {spd / ideal:9.0%}", flush=True)
+                  f"{ideal:5.2f}x {spd / ideal:9.0%}" + nm_cells, flush=True)
         if gpu and D == max(Ds):              # the CUDA kernel's knobs, and the bandwidth it reaches
             print(f"\nCUDA rows_matvec at D {D}, device ms (GB/s of weights read) by rows_per_block x unroll;"
                   f" cuBLAS dense {t_dense:.4f} ms ({W.nbytes / t_dense / 1e6:.0f} GB/s):")
@@ -173,21 +193,29 @@ def model_decode(xp, method, n_embd, n_layer, n_new, repeats, clock):
                 decode_forward(params, cfg, tok, kv, spec, fast=fw)
             return clock() - t0
     print(f"\n## whole-model decode: {n_layer} layers, n_embd {n_embd}, n_hidden {cfg.n_hidden}, "
-          f"random weights, batch 1, {n_new} tokens after a 4-token prompt (median of {repeats})")
+          f"random weights, batch 1, {n_new} tokens after a 4-token prompt (median of {repeats}, taking turns)")
     res = {}
+    topk_name, nm_name = f"sparse 0.5, rowsparse {method}", f"sparse 16:32 N:M, rowsparse {method}"
     variants = [("dense (--sparsity 0)", SparseSpec(0.0), None, False),
                 ("dense, BLAS at 1 thread", SparseSpec(0.0), None, True),
                 ("sparse 0.5, masked product", None, None, False),
-                (f"sparse 0.5, rowsparse {method}", None, fast, False)]
+                (topk_name, None, fast, False),
+                (nm_name, SparseSpec(0.0, nm=(16, 32)), fast, False)]   # Block Q-Sparse, same weights
     if xp is not np:
         del variants[1]
-    for name, spec, fw, blas_1 in variants:
+    times = {name: [] for name, *_ in variants}
+    for name, spec, fw, blas_1 in variants:            # untimed: compiles, warms the caches
         decode(spec, fw, blas_1)
-        t = float(np.median([decode(spec, fw, blas_1) for _ in range(repeats)]))
-        res[name] = n_new / t
-        print(f"{name:>34}: {n_new / t:8.1f} tokens/s", flush=True)
+    for _ in range(repeats):                           # in turn, so that slow spells fall on all alike
+        for name, spec, fw, blas_1 in variants:
+            time.sleep(0.2)                            # idle BLAS / numba threads go to sleep
+            times[name].append(decode(spec, fw, blas_1))
+    for name, *_ in variants:
+        res[name] = n_new / float(np.median(times[name]))
+        print(f"{name:>37}: {res[name]:8.1f} tokens/s", flush=True)
     best_dense = max(v for k, v in res.items() if k.startswith("dense"))
-    print(f"speedup of rowsparse over the faster dense: {res[variants[-1][0]] / best_dense:.2f}x")
+    print(f"speedup over the faster dense: top-K rowsparse {res[topk_name] / best_dense:.2f}x, "
+          f"N:M rowsparse {res[nm_name] / best_dense:.2f}x")
     return res
 
 
@@ -202,6 +230,8 @@ def main(argv=None):
     p.add_argument("--n_layer", type=int, default=2)
     p.add_argument("--n_new", type=int, default=24)
     p.add_argument("--skip_model", action="store_true")
+    p.add_argument("--nm_block", type=int, default=32,
+                   help="M of the N:M columns (keep = M (1 - S)); 0 leaves them out")
     p.add_argument("--cache_mb", type=float, default=0.0,
                    help="the last-level cache to defeat, in MB (0: read it from the machine)")
     args = p.parse_args(argv)
@@ -212,7 +242,7 @@ def main(argv=None):
     print("machine:", describe(args.device))
     print("command: python benchmarks/decode_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     projection_table(xp, method, [int(d) for d in args.D.split(",")], [float(s) for s in args.S.split(",")],
-                     args.repeats, clock, args.cache_mb or last_level_cache_mb(args.device))
+                     args.repeats, clock, args.cache_mb or last_level_cache_mb(args.device), args.nm_block)
     if not args.skip_model:
         model_decode(xp, method, args.n_embd, args.n_layer, args.n_new, max(3, args.repeats // 5), clock)
 

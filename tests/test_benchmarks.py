@@ -30,5 +30,11 @@ def test_decode_benchmark_prints_a_row_per_shape(capsys):
                                          clock=decode_speed.timer(decode_speed.np), cache_mb=0.5)
     assert [(D, S) for D, S, *_ in rows] == [(64, 0.0), (64, 0.5)]
     assert all(t > 0 for row in rows for t in row[2:5])
+    assert rows[0][7] is None and rows[1][7] > 0                  # N:M 16:32 at S = 0.5 only
     out = capsys.readouterr().out
-    assert "weights cycled through 1 MB" in out and out.count("x ") >= 2
+    assert "weights cycled through 1 MB" in out and out.count("x ") >= 2 and "16:32" in out
+
+
+def test_nm_keep_only_where_the_sparsity_is_a_whole_count_per_block():
+    assert [decode_speed.nm_keep(S, 32) for S in (0.0, 0.25, 0.5, 0.75, 0.9)] == [None, 24, 16, 8, None]
+    assert decode_speed.nm_keep(0.5, 4) == 2 and decode_speed.nm_keep(0.75, 2) is None
