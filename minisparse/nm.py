@@ -11,9 +11,8 @@ the kept count instead: keep=16, block=32 is 50% sparsity. Ties are broken as in
 topk.py (lower index first). The backward is the same straight-through estimator.
 """
 
-from .backend import array_module
 from .errors import UsageError
-from .topk import kth_largest, topk_mask
+from .topk import topk_mask, topk_nonzero
 
 
 def check_nm(keep, block, D=None):
@@ -42,22 +41,6 @@ def nm_forward(x, keep, block):
 
 def nm_nonzero(x, keep, block):
     """For one row x (D,): the ascending positions where x * nm_mask(x, keep, block) is nonzero, i.e.
-    the inputs a row-sparse product must read (decode.py), as topk.topk_nonzero is for top-K.
-
-    One sort of the (D / block, block) blocks gives each block's threshold t, the keep-th largest
-    |x|: a block keeps |x| >= t. Where a block's t ties with the next smaller entry and t > 0
-    (rare for real activations), the tie is broken by index through nm_mask. Where t = 0 the block
-    has fewer than `keep` nonzeros, and keeps them all (ReLU2's zeros: not read)."""
-    xp = array_module(x)
-    D = x.shape[0]
-    check_nm(keep, block, D)
-    if keep <= 0:
-        return xp.zeros(0, dtype=xp.int64)
-    a = xp.abs(x)
-    if keep >= block:
-        return a.nonzero()[0]
-    ab = a.reshape(D // block, block)                           # (D/block, block)
-    t, tied = kth_largest(ab, keep)                             # (D/block, 1) each
-    if bool((tied & (t > 0)).any()):
-        return (nm_mask(x, keep, block) & (a > 0)).nonzero()[0]
-    return ((ab >= t) & (ab > 0)).reshape(D).nonzero()[0]
+    the inputs a row-sparse product must read (decode.py): topk.topk_nonzero within every block."""
+    check_nm(keep, block, x.shape[0])
+    return topk_nonzero(x, keep, block)

@@ -91,24 +91,34 @@ def topk_values(x, k):
     return xs
 
 
-def topk_nonzero(x, k):
+def topk_nonzero(x, k, block=None):
     """For one row x (D,): the ascending positions where x * topk_mask(x, k) is nonzero, i.e.
-    the inputs a row-sparse product must read. The decode path: one sort and one comparison,
-    2x faster than building the mask for a single token. Ties at t > 0 (rare) go through
-    topk_mask; at t = 0 every nonzero entry is among the k kept."""
+    the inputs a row-sparse product must read (decode.py). With `block`, the top k of every
+    block of `block` consecutive entries instead (N:M; nm.nm_nonzero checks the sizes).
+
+    One sort of the (D / block, block) blocks gives each block's threshold t: a block keeps
+    |x| >= t, 2x faster than building the mask for a single token. Ties at t > 0 (rare for
+    real activations) go through topk_mask, lower index first. Where t = 0 a block has fewer
+    than k nonzeros and keeps them all (ReLU2's zeros are not read)."""
     xp = array_module(x)
     D = x.shape[0]
+    block = D if block is None else block
     a = xp.abs(x)
     if k <= 0:
         return xp.zeros(0, dtype=xp.int64)
-    if k >= D:
+    if k >= block:
         return a.nonzero()[0]
-    t, tied = kth_largest(a, k)                                 # (1,), (1,)
-    if not bool(t[0] > 0):
-        return a.nonzero()[0]
-    if bool(tied[0]):                                           # lower indices first among the ties
-        return (topk_mask(x[None], k)[0] & (x != 0)).nonzero()[0]
-    return (a >= t).nonzero()[0]
+    ab = a.reshape(D // block, block)                           # (D/block, block)
+    t, tied = kth_largest(ab, k)                                # (D/block, 1) each
+    # (count_nonzero: the cheapest reduction of these (D/block, 1) flags, 0.6 us against 2 for .all())
+    positive = bool(xp.count_nonzero(t) == t.size)              # else some t = 0: fewer than k nonzeros
+    if bool(xp.count_nonzero(tied)) and (positive or bool((tied & (t > 0)).any())):   # ties at t > 0
+        mask = topk_mask(x.reshape(D // block, block), k).reshape(D)
+        return (mask & (a > 0)).nonzero()[0]
+    keep = ab >= t                                              # (D/block, block)
+    if not positive:                                            # t = 0: only the nonzeros are read
+        keep &= ab > 0
+    return keep.reshape(D).nonzero()[0]
 
 
 def topk_forward(x, k):
