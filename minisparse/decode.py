@@ -89,9 +89,9 @@ class DecodeWeights:
 
     def __init__(self, params, cfg, method="auto", max_rows=4):
         xp = array_module(params["wte"])
-        self.max_rows = max_rows
-        self.method = best_method() if method == "auto" and xp is np else method
         auto_cpu = method == "auto" and xp is np
+        self.max_rows = max_rows
+        self.method = best_method() if auto_cpu else method
         self.wt = {}                           # (layer, site) -> (Wt, [O_i]); absent: the masked product
         for l in range(cfg.n_layer):
             for site, names in SITE_WEIGHTS.items():
@@ -104,11 +104,11 @@ class DecodeWeights:
         # CUDA once per input width D (NVRTC takes about a second each); numba once (its first call
         # loads the compiled kernel from its cache and starts its threads: 0.4 s, where the trained
         # tiny model decodes 200 tokens in 0.2 s)
-        widths = {wt.shape[0]: wt for wt, _ in self.wt.values()}
+        warm = list({wt.shape[0]: wt for wt, _ in self.wt.values()}.values())   # one Wt per input width
         if xp is np:
-            widths = dict(list(widths.items())[:1]) if self.method == "numba" else {}
-        for D, wt in widths.items():
-            topk_rows_matvec(xp.zeros(D, dtype=wt.dtype), 1, wt, self.method)
+            warm = warm[:1] if self.method == "numba" else []
+        for wt in warm:
+            topk_rows_matvec(xp.zeros(wt.shape[0], dtype=wt.dtype), 1, wt, self.method)
 
 
 def _rowsparse_projection(x, wt, sizes, spec, method):
