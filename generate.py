@@ -13,8 +13,11 @@ import time
 
 import numpy as np
 
-from minisparse import backend, model, pretrained, rowsparse
-from minisparse.decode import DecodeWeights, SparsityMeter
+from minisparse import backend, model, pretrained
+from minisparse.decode import SparsityMeter
+from minisparse.fast import FAST
+from minisparse.fast import rowsparse as fast_rowsparse
+from minisparse.fast.decode import DecodeWeights
 from minisparse.errors import UsageError
 from minisparse.linear import SparseSpec
 from minisparse.sampling import generate
@@ -41,10 +44,12 @@ def build_parser():
                    help="override the trained sparsity at inference; 0 = dense fallback (default: as trained)")
     p.add_argument("--kernel", default="auto", choices=("auto", "numba", "chunked", "gather", "masked"),
                    help="how a sparse projection is computed when decoding: read only the selected weight "
-                        "rows (numba, chunked or gather NumPy; with --device gpu any of these runs rowsparse.cu's "
-                        "CUDA kernels), or 'masked' = the full dense product of the masked input, as in training. "
-                        "auto: where it was measured to pay: numba for projections of at least 2^17 weights "
-                        "where numba is installed, masked otherwise; the CUDA kernels on the GPU")
+                        "rows (numba; chunked NumPy; gather, the reference; with --device gpu any of these runs "
+                        "the CUDA kernels), or 'masked', the dense product of the masked input, as in training. "
+                        "auto: the row-sparse kernel where it pays (minisparse/fast/rowsparse.py, auto_method)")
+    p.add_argument("--reference", action="store_true",
+                   help="run the readable reference ops and the reference row-sparse product (--kernel gather "
+                        "unless given), none of minisparse/fast/: to step through a decode step in a debugger")
     return p
 
 
@@ -74,13 +79,17 @@ def run(args):
     ids = tok.encode(text)
     prompt = np.array([ids] * args.num_samples, dtype=np.int64)
     meter = SparsityMeter()
-    if args.kernel == "numba" and rowsparse.numba is None:
+    if args.kernel == "numba" and fast_rowsparse.numba is None:
         raise UsageError("--kernel numba needs the optional package numba (pip install numba); "
                          "--kernel auto uses it when it is there and NumPy otherwise.")
-    fast = None if spec.dense or args.kernel == "masked" else DecodeWeights(params, cfg, args.kernel)
+    kernel = args.kernel
+    if args.reference and kernel == "auto":
+        kernel = "gather"
+    fast = None if spec.dense or kernel == "masked" else DecodeWeights(params, cfg, kernel)
     t0 = time.perf_counter()
     out = generate(params, cfg, prompt, args.max_new_tokens, args.temperature, args.top_k or None,
-                   np.random.default_rng(args.seed), spec, meter, fast, stop_id)
+                   np.random.default_rng(args.seed), spec, meter, fast, stop_id,
+                   model.REFERENCE if args.reference else FAST)
     dt = time.perf_counter() - t0
     for i, row in enumerate(out):
         if args.num_samples > 1:

@@ -1,15 +1,15 @@
 """Sparse decoding against dense: one projection at batch 1, then whole-model decode tokens/s.
 
     python benchmarks/decode_speed.py                   # CPU (NumPy; numba kernel if installed)
-    python benchmarks/decode_speed.py --device gpu      # CuPy: cuBLAS against rowsparse.cu's kernels
+    python benchmarks/decode_speed.py --device gpu      # CuPy: cuBLAS against fast/rowsparse.cu's kernels
 
 Part 1, for D inputs and O = 3 D outputs (a fused q/k/v projection) at sparsity S:
   dense   x @ W^T with the (O, D) training layout: what `generate.py --sparsity 0` runs
   sparse  select the top-K of |x| and multiply only those rows of the input-major Wt (D, O), as
-          decode.py does (rowsparse.topk_rows_matvec; the selection is included in the time)
+          decode.py does (fast.rowsparse.topk_rows_matvec; the selection is included in the time)
   kernel  the product alone, with the indices given
   nm      Block Q-Sparse at the same S: keep = M (1 - S) of every block of M = --nm_block inputs
-          (rowsparse.nm_rows_matvec, selection included); CPU only (on the GPU its selection syncs)
+          (fast.rowsparse.nm_rows_matvec, selection included); CPU only (on the GPU its selection syncs)
 speedup = dense / sparse, ideal = 1 / (1 - S), efficiency = speedup / ideal.
 Each call reads a different copy of the weights, enough copies to pass twice the last-level
 cache (--cache_mb), so that the weights come from main memory as a model's many matrices would,
@@ -34,9 +34,13 @@ import numpy as np  # noqa: E402
 
 from benchmarks.machine import describe, last_level_cache_mb  # noqa: E402
 from minisparse import backend, model, rowsparse  # noqa: E402
-from minisparse.decode import DecodeWeights, decode_forward, new_cache  # noqa: E402
+from minisparse.decode import decode_forward, new_cache  # noqa: E402
+from minisparse.fast import FAST  # noqa: E402
+from minisparse.fast import rowsparse as fast_rowsparse  # noqa: E402
+from minisparse.fast.decode import DecodeWeights  # noqa: E402
 from minisparse.linear import SparseSpec  # noqa: E402
-from minisparse.topk import kept_count, topk_nonzero  # noqa: E402
+from minisparse.fast.topk import topk_nonzero  # noqa: E402
+from minisparse.topk import kept_count  # noqa: E402
 
 
 def timer(xp):
@@ -135,11 +139,11 @@ def projection_table(xp, method, Ds, Ss, repeats, clock, cache_mb, nm_block=32):
             keep = nm_keep(S, nm_block) if nm_block and D % nm_block == 0 else None
             fs = [lambda i: x @ Ws[i % copies].T,
                   # sparse: as decode.py does for one token, selection included
-                  lambda i: rowsparse.topk_rows_matvec(x[0], K, Wts[i % copies], method),
+                  lambda i: fast_rowsparse.topk_rows_matvec(x[0], K, Wts[i % copies], method),
                   # the product alone, on other copies than the sparse call just read
-                  lambda i: rowsparse.rows_matvec(vals, idx, Wts[(i + copies // 2) % copies], method)]
+                  lambda i: fast_rowsparse.rows_matvec(vals, idx, Wts[(i + copies // 2) % copies], method)]
             if keep is not None:              # Block Q-Sparse: the same count of rows, chosen per block
-                fs.append(lambda i: rowsparse.nm_rows_matvec(x[0], keep, nm_block, Wts[i % copies], method))
+                fs.append(lambda i: fast_rowsparse.nm_rows_matvec(x[0], keep, nm_block, Wts[i % copies], method))
             if gpu:
                 ts = [gpu_ms(f, repeats) for f in fs]
             else:
@@ -165,7 +169,7 @@ def projection_table(xp, method, Ds, Ss, repeats, clock, cache_mb, nm_block=32):
                 cells = []
                 for r in (16, 32, 64, 128):
                     for u in (4, 8):
-                        t = gpu_ms(lambda i: rowsparse.rows_matvec_cuda(vals, idx, Wts[i % copies], r, u), repeats)
+                        t = gpu_ms(lambda i: fast_rowsparse.rows_matvec_cuda(vals, idx, Wts[i % copies], r, u), repeats)
                         cells.append(f"{r}x{u}: {t:.4f} ({K * O * 4 / t / 1e6:.0f})")
                 print(f"  S {S}: " + ", ".join(cells), flush=True)
             del Ws, Wts
@@ -185,12 +189,12 @@ def model_decode(xp, method, n_embd, n_layer, n_new, repeats, clock):
         # BLAS's 2 threads, it leaves OpenBLAS's worker spinning for up to ~0.1 s, and the
         # numba kernel then shares a core with it: 1.15x over dense instead of 1.7x.)
         quiet = (fw is not None or blas_1) and xp is np
-        with rowsparse.quiet_blas("numba") if quiet else contextlib.nullcontext():
+        with fast_rowsparse.quiet_blas("numba") if quiet else contextlib.nullcontext():
             kv = new_cache(params, cfg, 1)
-            decode_forward(params, cfg, prompt, kv, spec, fast=fw)   # prefill, not timed
+            decode_forward(params, cfg, prompt, kv, spec, fast=fw, ops=FAST)   # prefill, not timed
             t0 = clock()
             for _ in range(n_new):
-                decode_forward(params, cfg, tok, kv, spec, fast=fw)
+                decode_forward(params, cfg, tok, kv, spec, fast=fw, ops=FAST)
             return clock() - t0
     print(f"\n## whole-model decode: {n_layer} layers, n_embd {n_embd}, n_hidden {cfg.n_hidden}, "
           f"random weights, batch 1, {n_new} tokens after a 4-token prompt (median of {repeats}, taking turns)")
@@ -222,7 +226,7 @@ def model_decode(xp, method, n_embd, n_layer, n_new, repeats, clock):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
-    p.add_argument("--method", default="auto", choices=rowsparse.METHODS)
+    p.add_argument("--method", default="auto", choices=fast_rowsparse.METHODS)
     p.add_argument("--D", default="512,1024,2048,4096")
     p.add_argument("--S", default="0,0.25,0.5,0.75,0.9")
     p.add_argument("--repeats", type=int, default=20)
@@ -238,7 +242,7 @@ def main(argv=None):
     backend.set_device(args.device)
     xp = backend.xp
     clock = timer(xp)
-    method = rowsparse.best_method() if args.method == "auto" and xp is np else args.method
+    method = fast_rowsparse.best_method() if args.method == "auto" and xp is np else args.method
     print("machine:", describe(args.device))
     print("command: python benchmarks/decode_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     projection_table(xp, method, [int(d) for d in args.D.split(",")], [float(s) for s in args.S.split(",")],

@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_select_breakdown.py
 
-- device time (a CUDA graph of 20 calls, replayed) of an empty kernel, of rowsparse.cu's
+- device time (a CUDA graph of 20 calls, replayed) of an empty kernel, of fast/rowsparse.cu's
   topk_select alone (compiled for 4 and for 16 entries a thread; K = D skips the radix select),
   and of selection + product against the product alone with the indices given;
 - the same by decode_speed.gpu_ms (calls queued behind a spin kernel), and cuBLAS's dense product;
@@ -19,8 +19,9 @@ import numpy as np  # noqa: E402
 
 from benchmarks.decode_speed import gpu_ms  # noqa: E402
 from benchmarks.machine import describe  # noqa: E402
-from minisparse import rowsparse  # noqa: E402
-from minisparse.topk import kept_count, topk_nonzero  # noqa: E402
+from minisparse.fast import rowsparse  # noqa: E402
+from minisparse.fast.topk import topk_nonzero  # noqa: E402
+from minisparse.topk import kept_count  # noqa: E402
 
 
 def graph_ms(f, repeats=10, calls=20):

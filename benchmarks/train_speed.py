@@ -9,7 +9,7 @@ clipping + AdamW, in float32. The PyTorch model below has the same equations (RM
 rotate-half RoPE, causal attention, ReLU2-GLU, top-K with the straight-through estimator,
 untied head), eager mode, no torch.compile, the same thread count as NumPy's BLAS.
 minisparse steps as train.train() does: on the CPU the batch is split over one thread per
-core, each running its part with BLAS at one thread (minisparse/parallel.py); the row
+core, each running its part with BLAS at one thread (minisparse/fast/parallel.py); the row
 "--threads 1" is the plain path, one Python thread with BLAS over all cores.
 
 After a warm-up the variants are timed in alternation, in blocks of --block steps (A A A B B B
@@ -32,7 +32,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 
 from benchmarks.machine import describe  # noqa: E402
-from minisparse import backend, model, parallel  # noqa: E402
+from minisparse import backend, model  # noqa: E402
+from minisparse.fast import FAST, parallel  # noqa: E402
+from minisparse.fast.runtime import retain_freed_memory  # noqa: E402
 from minisparse.optimizer import AdamW, clip_grad_norm  # noqa: E402
 
 SHAPES = dict(vocab_size=96, block_size=64, n_layer=4, n_head=4, n_embd=128)
@@ -44,8 +46,8 @@ BATCH = 12
 
 
 def minisparse_stepper(sparsity, device, seed=0, threads=0):
-    """One training step as train.train() runs it; threads 0 = one per core (parallel.py)."""
-    backend.retain_freed_memory()      # as train.train() does; process-wide, so PyTorch gets it too
+    """One training step as train.train() runs it; threads 0 = one per core (fast/parallel.py)."""
+    retain_freed_memory()              # as train.train() does; process-wide, so PyTorch gets it too
     cfg = model.GPTConfig(**SHAPES, sparsity=sparsity)
     params = {k: backend.asarray(v) for k, v in model.init_params(cfg, seed=seed).items()}
     opt = AdamW(params, 1e-3, (0.9, 0.95), weight_decay=0.1)
@@ -56,7 +58,7 @@ def minisparse_stepper(sparsity, device, seed=0, threads=0):
     def step():
         idx = rng.integers(0, cfg.vocab_size, (BATCH, cfg.block_size + 1))
         x, y = backend.asarray(idx[:, :-1]), backend.asarray(idx[:, 1:])
-        _, grads, _ = parallel.forward_backward(params, cfg, x, y, threads)
+        _, grads, _ = parallel.forward_backward(params, cfg, x, y, FAST, threads)
         clip_grad_norm(grads, 1.0)
         opt.step(params, grads, 1e-3)
         sync()

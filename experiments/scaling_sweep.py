@@ -19,8 +19,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from minisparse import model, scaling                      # noqa: E402
+from minisparse import scaling                             # noqa: E402
 from minisparse.errors import UsageError                    # noqa: E402
+from minisparse.model import GPTConfig                      # noqa: E402
 from minisparse.train import TrainConfig, train             # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -69,8 +70,9 @@ def sweep(args):
             continue
         out = os.path.join(args.out_dir, name)
         resume = os.path.exists(os.path.join(out, "ckpt.npz"))
-        tc = TrainConfig(out_dir=out, n_layer=L, n_embd=C, n_head=H, sparsity=S,
-                         block_size=args.block_size, batch_size=args.batch_size, max_iters=args.max_iters,
+        tc = TrainConfig(out_dir=out, model=GPTConfig(n_layer=L, n_embd=C, n_head=H, sparsity=S,
+                                                      block_size=args.block_size),
+                         batch_size=args.batch_size, max_iters=args.max_iters,
                          eval_interval=args.eval_interval, eval_iters=args.eval_iters, data=args.data,
                          resume=resume)
         print(f"[{i + 1}/{len(grid)}] {name}{' (resuming)' if resume else ''}", flush=True)

@@ -28,9 +28,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 
 from benchmarks.machine import describe  # noqa: E402
-from minisparse import model, pretrained, rowsparse  # noqa: E402
+from minisparse import model, pretrained  # noqa: E402
 from minisparse.data import load_text, split_ids  # noqa: E402
-from minisparse.decode import DecodeWeights, SparsityMeter  # noqa: E402
+from minisparse.decode import SparsityMeter  # noqa: E402
+from minisparse.fast import FAST  # noqa: E402
+from minisparse.fast import rowsparse as fast_rowsparse  # noqa: E402
+from minisparse.fast.decode import DecodeWeights  # noqa: E402
 from minisparse.linear import SparseSpec  # noqa: E402
 from minisparse.sampling import generate  # noqa: E402
 from minisparse.train import load_run, read_metrics  # noqa: E402
@@ -44,7 +47,7 @@ RUNS = {0.0: "out-smollm2-s0", 0.4: "out-smollm2-s0.4", 0.5: "out-smollm2-s0.5"}
 
 def site_table(params, cfg, ids):
     """Measured zeros at each site, one forward over `ids` (the paper's Table 2 layout)."""
-    _, _, caches = model.forward(params, cfg, np.array([ids[:-1]]), np.array([ids[1:]]))
+    _, _, caches = model.forward(params, cfg, np.array([ids[:-1]]), np.array([ids[1:]]), FAST)
     return model.mean_sparsity(cfg, caches)
 
 
@@ -62,7 +65,7 @@ def main():
     # 1. training-free
     ppl = {}
     for S in SPARSITIES:
-        ppl[S] = pretrained.perplexity(params, cfg, ids, block=256, spec=SparseSpec(S))
+        ppl[S] = pretrained.perplexity(params, cfg, ids, block=256, spec=SparseSpec(S), ops=FAST)
         print(f"training-free S={S}: ppl {ppl[S]:.3f}", flush=True)
     out += ["## 1. Training-free top-K at every projection input\n",
             "| S | " + " | ".join(f"{s:g}" for s in SPARSITIES) + " |",
@@ -85,7 +88,7 @@ def main():
         per_step = meta["train"]["batch_size"] * meta["train"]["block_size"]
         minutes = sum(per_step / s["tokens_per_s"] for s in steps) / 60 if steps else float("nan")
         trained[S] = (p2, cfg2)
-        p = pretrained.perplexity(p2, replace(cfg2, block_size=256), ids, block=256)
+        p = pretrained.perplexity(p2, replace(cfg2, block_size=256), ids, block=256, ops=FAST)
         out.append(f"| {S} | {ppl[S]:.2f} | {p:.2f} | {n_iter} | {tokens:,} | {minutes:.0f} |")
         print(f"continue-trained S={S}: ppl {p:.3f}", flush=True)
     out.append("\nS = 0 is the dense model continue-trained on the same tokens, the fair baseline: the corpus "
@@ -113,14 +116,14 @@ def main():
     prompt = np.array([tok.encode(pretrained.chat_prompt("Tell me about the Python language."))])
     variants = {"dense (--sparsity 0)": (SparseSpec(0.0), None),
                 "top-K 0.5, masked product": (SparseSpec(0.5), None),
-                "top-K 0.5, row-sparse " + rowsparse.best_method(): (SparseSpec(0.5), DecodeWeights(params, cfg))}
+                "top-K 0.5, row-sparse " + fast_rowsparse.best_method(): (SparseSpec(0.5), DecodeWeights(params, cfg))}
 
     def tokens_per_s(spec, fast):
         t0 = time.perf_counter()
-        generate(params, cfg, prompt, 32, temperature=0, spec=spec, meter=SparsityMeter(), fast=fast)
+        generate(params, cfg, prompt, 32, temperature=0, spec=spec, meter=SparsityMeter(), fast=fast, ops=FAST)
         dt = time.perf_counter() - t0
         t0 = time.perf_counter()
-        generate(params, cfg, prompt, 1, temperature=0, spec=spec, fast=fast)              # prefill alone
+        generate(params, cfg, prompt, 1, temperature=0, spec=spec, fast=fast, ops=FAST)    # prefill alone
         return 31 / (dt - (time.perf_counter() - t0))
     for spec, fast in variants.values():
         generate(params, cfg, prompt, 4, temperature=0, spec=spec, fast=fast)              # warm-up

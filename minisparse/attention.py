@@ -35,7 +35,7 @@ def attention_forward(q, k, v):
     Tq, Tk, hs = q.shape[-2], k.shape[-2], q.shape[-1]
     scale = 1.0 / math.sqrt(hs)
     # The (B, H, Tq, Tk) arrays are the largest of the step: each line below updates S in
-    # place rather than making a new array (1.6x faster than fresh arrays on 2 cores).
+    # place rather than making a new array, which saves the allocation and a pass over memory.
     S = q @ k.swapaxes(-1, -2)                                 # (B, H, Tq, Tk)
     S *= scale
     if Tq > 1:

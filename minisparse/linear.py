@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from .backend import array_module
 from .nm import nm_forward
-from .topk import kept_count, topk_backward, topk_forward, topk_values
+from .topk import kept_count, topk_backward, topk_forward
 
 
 @dataclass(frozen=True)
@@ -34,21 +34,24 @@ class SparseSpec:
     def dense(self):
         return self.nm is None and self.sparsity == 0.0
 
+    def kept(self, D):
+        """K, the inputs top-K keeps of D (topk.kept_count)."""
+        return kept_count(D, self.sparsity)
+
 
 def sparsify(x, spec):
-    """xs, mask = the sparsified input and its mask (None when dense, or top-K with the STE: unneeded)."""
+    """xs, mask = the sparsified input and its mask (None when dense: x is used as it is)."""
     if spec.nm is not None:
         return nm_forward(x, spec.nm[0], spec.nm[1])
     if spec.sparsity == 0.0:
         return x, None
-    k = kept_count(x.shape[-1], spec.sparsity)
-    if spec.ste:
-        return topk_values(x, k), None          # the STE backward needs no mask (topk.py)
-    return topk_forward(x, k)
+    return topk_forward(x, kept_count(x.shape[-1], spec.sparsity))
 
 
-def sparse_linear_forward(x, weights, spec=SparseSpec()):
-    """x (B, T, C), weights [W_i (O_i, C)] -> ([y_i (B, T, O_i)], cache)."""
+def sparse_linear_forward(x, weights, spec=SparseSpec(), sparsify=sparsify):
+    """x (B, T, C), weights [W_i (O_i, C)] -> ([y_i (B, T, O_i)], cache).
+
+    sparsify: this module's `sparsify`, or a faster function equal to it (model.Ops)."""
     B, T, C = x.shape
     xs, mask = sparsify(x, spec)                                # (B, T, C)
     xs2 = xs.reshape(B * T, C)                                  # (N, C): one BLAS call per weight

@@ -14,13 +14,13 @@
     logits = RMSNorm(x) @ lm_head^T                               dense head      (B, T, V)
     loss = cross_entropy(logits, targets)
 
-LLaMA-family options, for pretrained models (QSPARSE.md Sec. 9): with n_kv_head < n_head,
+LLaMA-family options, for pretrained models (docs/qsparse.md, Sec. 9): with n_kv_head < n_head,
 grouped-query attention gives k and v only n_kv_head heads (Wk, Wv: (n_kv_head * hs, C)),
 each shared by n_head / n_kv_head query heads (repeat_kv; its backward sums over the group);
 tie_embeddings uses wte as the LM head, so wte's gradient is the sum of both uses;
 rope_layout "pairs" rotates adjacent channels, the layout of GGUF files' q and k.
 
-Only the four projection inputs are sparsified (QSPARSE.md Sec. 1); the embedding, the
+Only the four projection inputs are sparsified (docs/qsparse.md, Sec. 1); the embedding, the
 residual stream and the LM head stay dense. Parameters live in a dict with readable
 names; `forward` returns the loss and the caches, `backward` returns a dict of
 gradients with the same keys. The residual stream is the one place a tensor feeds two
@@ -29,10 +29,18 @@ paths, and its gradients are summed with a visible `+=`.
 N counts the projection weights (embedding, head and norm gains left out, as in the
 paper); N_a counts the weights a token actually multiplies: for each projection, the
 kept inputs times its outputs.
+
+`forward` is also the decoder's: given a key/value cache (decode.py), the new tokens take the
+next positions, their keys and values are appended to the cache, and attention reads all of it.
+
+Every op is the readable function of its concept file by default (REFERENCE). `ops=fast.FAST`
+runs the faster functions of minisparse/fast/, each tested equal to its reference: one visible
+argument, remembered in the caches so that backward uses the same.
 """
 
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import Callable
 
 import numpy as np
 
@@ -41,37 +49,47 @@ from .backend import array_module
 from .attention import attention_backward, attention_forward
 from .embedding import embedding_backward, embedding_forward
 from .errors import UsageError
-from .linear import SparseSpec, sparse_linear_backward, sparse_linear_forward, zero_fraction
+from .flags import option, parse_nm
+from .linear import SparseSpec, sparse_linear_backward, sparse_linear_forward, sparsify, zero_fraction
 from .loss import cross_entropy_backward, cross_entropy_forward
 from .nm import check_nm
 from .norm import rmsnorm_backward, rmsnorm_forward
 from .relu2 import relu2glu_backward, relu2glu_forward
-from .rope import rope_backward, rope_forward
+from .rope import rope_backward, rope_forward, rotate
 from .swiglu import swiglu_backward, swiglu_forward
 from .topk import kept_count
 
 SITES = ("qkv", "o", "up_gate", "down")
+# the weights of each site's projection, in the order their outputs are used
+SITE_WEIGHTS = {"qkv": ("attn.wq", "attn.wk", "attn.wv"), "o": ("attn.wo",),
+                "up_gate": ("ffn.w_up", "ffn.w_gate"), "down": ("ffn.w_down",)}
 ACTIVATIONS = {"relu2": (relu2glu_forward, relu2glu_backward),
                "swiglu": (swiglu_forward, swiglu_backward)}
 
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 65
-    block_size: int = 64          # longest context, in tokens
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    n_hidden: int = 0             # FFN width Hd; 0 = 8/3 * n_embd rounded up to a multiple of 32
-    activation: str = "relu2"     # "relu2" (Eq. 11, from scratch) or "swiglu" (continue-training)
-    sparsity: float = 0.5         # fraction of each projection input zeroed by top-K; 0 = dense
-    nm: tuple = None              # (keep, block): Block Q-Sparse instead of top-K over all channels
-    ste: bool = True              # straight-through gradient (Eq. 13); False = masked (Eq. 12)
-    rope_base: float = 10000.0
-    norm_eps: float = 1e-5
-    n_kv_head: int = 0            # key/value heads, grouped-query attention; 0 = n_head (plain multi-head)
-    tie_embeddings: bool = False  # the LM head is the token embedding wte (no lm_head parameter)
-    rope_layout: str = "half"     # "half" (Hugging Face: rotate the two halves) or "pairs" (GGUF: adjacent pairs)
+    """The model's architecture and sparsity. Each field is also a flag of train_tiny.py (flags.py)."""
+    vocab_size: int = option(512, "vocabulary size: set by the corpus for --tokenizer char, the size to "
+                                 "train for bpe (>= 257)")
+    block_size: int = option(64, "context length in tokens")
+    n_layer: int = option(4, "number of Transformer blocks")
+    n_head: int = option(4, "attention heads per block (must divide n_embd)")
+    n_embd: int = option(128, "channels of the residual stream")
+    n_hidden: int = option(0, "FFN width Hd; 0 = 8/3 n_embd rounded up to a multiple of 32")
+    activation: str = option("relu2", "FFN gate: 'relu2' (ReLU2-GLU, Eq. 11, from scratch) or 'swiglu' "
+                                      "(continue-training)")
+    sparsity: float = option(0.5, "fraction of every projection input zeroed by top-K, in [0, 1); 0 = dense")
+    nm: tuple = option(None, "Block Q-Sparse KEEP:BLOCK, e.g. 16:32 keeps 16 of every 32 channels "
+                             "(overrides --sparsity)", parse=parse_nm)
+    ste: bool = option(True, "straight-through gradient (Eq. 13); --no_ste is the masked-gradient "
+                             "ablation (Eq. 12)")
+    rope_base: float = option(10000.0, "rotary embedding base")
+    norm_eps: float = option(1e-5, "RMSNorm epsilon")
+    n_kv_head: int = option(0, "key/value heads, grouped-query attention (must divide n_head); 0 = n_head")
+    tie_embeddings: bool = option(False, "use the token embedding as the LM head")
+    rope_layout: str = option("half", "rotary layout: 'half' (Hugging Face, rotate the two halves) or "
+                                      "'pairs' (GGUF files, adjacent pairs)")
 
     def __post_init__(self):
         if self.nm is not None:
@@ -101,7 +119,10 @@ class GPTConfig:
             raise UsageError(f"rope_layout {self.rope_layout!r} is not known: use 'half' or 'pairs'.")
         if self.activation not in ACTIVATIONS:
             raise UsageError(f"activation {self.activation!r} is not known: use 'relu2' or 'swiglu'.")
-        kept_count(self.n_embd, self.sparsity)          # raises for a sparsity outside [0, 1)
+        for site, D in (("the attention inputs", self.n_embd), ("the down projection", self.n_hidden)):
+            if kept_count(D, self.sparsity) < 1:        # (raises for a sparsity outside [0, 1))
+                raise UsageError(f"sparsity {self.sparsity} keeps no input of the {D} channels of {site} "
+                                 f"(K = 0): choose a sparsity below {1 - 0.5 / D:.4g} or a wider model.")
         if self.nm is not None:
             if len(self.nm) != 2:
                 raise UsageError(f"N:M sparsity {self.nm!r} is not allowed: give (keep, block), e.g. 16:32.")
@@ -230,42 +251,77 @@ def repeat_kv_backward(dk, groups):
     return dk.reshape(B, H // groups, groups, T, hs).sum(axis=2)
 
 
-def forward(params, cfg, idx, targets=None):
-    """idx (B, T) ints -> (logits (B, T, V), loss or None, cache for backward)."""
+@dataclass(frozen=True)
+class Ops:
+    """Which function computes each op: REFERENCE, the readable functions of the concept files,
+    or fast.FAST, faster functions equal to them (minisparse/fast/, tests/test_fast.py)."""
+    name: str
+    sparsify: Callable = sparsify                       # linear.sparsify: (x, spec) -> (xs, mask)
+    rotate: Callable = rotate                           # rope.rotate: (x, cos, sin, layout) -> y
+    rmsnorm_forward: Callable = rmsnorm_forward         # norm.py: (x, g, eps) -> (y, cache)
+    rmsnorm_backward: Callable = rmsnorm_backward       # norm.py: (dy, cache) -> (dx, dg)
+    embedding_backward: Callable = embedding_backward   # embedding.py: (dx, cache) -> dwte
+
+
+REFERENCE = Ops("reference")
+
+
+def forward(params, cfg, idx, targets=None, ops=REFERENCE, kv=None, project=None):
+    """idx (B, T) ints -> (logits (B, T, V), loss or None, caches for backward).
+
+    ops: REFERENCE or fast.FAST (see Ops).
+    kv: a decode.KVCache, to decode: the T new tokens take the positions kv.length .. kv.length+T-1,
+        their keys and values are appended to the cache, attention reads all of it, and no layer
+        caches are kept (backward cannot be run).
+    project: (l, site, x) -> [y_i], the projections of site `site` in layer l, for a decoder that
+        computes them another way (decode.py); default: sparse_linear_forward with cfg.spec."""
     B, T = idx.shape
-    if T > cfg.block_size:
-        raise UsageError(f"sequence length {T} is longer than block_size={cfg.block_size}.")
+    pos = 0 if kv is None else kv.length
+    if pos + T > cfg.block_size:
+        raise UsageError(f"sequence length {pos + T} is longer than block_size={cfg.block_size}"
+                         + (f" (the cache holds {pos} positions, {T} more do not fit)." if pos else "."))
     C, H, Hkv = cfg.n_embd, cfg.n_head, cfg.n_kv_head
     hs = C // H
     spec = cfg.spec
     act_forward = ACTIVATIONS[cfg.activation][0]
-    caches = {}
+    caches = {"ops": ops}
+
+    def linear(l, site, x):                                               # -> [y_i], cache
+        if project is not None:
+            return project(l, site, x), None
+        return sparse_linear_forward(x, [params[f"h.{l}.{n}"] for n in SITE_WEIGHTS[site]], spec, ops.sparsify)
 
     x, caches["wte"] = embedding_forward(idx, params["wte"])            # (B, T, C)
     for l in range(cfg.n_layer):
         p = f"h.{l}."
-        c = caches[l] = {}
+        c = {}
+        if kv is None:
+            caches[l] = c
         # attention
-        h, c["attn_norm"] = rmsnorm_forward(x, params[p + "attn_norm"], cfg.norm_eps)
-        (q, k, v), c["qkv"] = sparse_linear_forward(
-            h, [params[p + "attn.wq"], params[p + "attn.wk"], params[p + "attn.wv"]], spec)
+        h, c["attn_norm"] = ops.rmsnorm_forward(x, params[p + "attn_norm"], cfg.norm_eps)
+        (q, k, v), c["qkv"] = linear(l, "qkv", h)
         q = q.reshape(B, T, H, hs).transpose(0, 2, 1, 3)                 # (B, H, T, hs)
         k = k.reshape(B, T, Hkv, hs).transpose(0, 2, 1, 3)               # (B, Hkv, T, hs)
         v = v.reshape(B, T, Hkv, hs).transpose(0, 2, 1, 3)
-        q, c["rope_q"] = rope_forward(q, cfg.rope_base, layout=cfg.rope_layout)
-        k, c["rope_k"] = rope_forward(k, cfg.rope_base, layout=cfg.rope_layout)
+        q, c["rope_q"] = rope_forward(q, cfg.rope_base, pos, cfg.rope_layout, ops.rotate)
+        k, c["rope_k"] = rope_forward(k, cfg.rope_base, pos, cfg.rope_layout, ops.rotate)
+        if kv is not None:                       # decoding: append to the cache, attend to all of it
+            kv.k[l][:, :, pos:pos + T] = k
+            kv.v[l][:, :, pos:pos + T] = v
+            k, v = kv.k[l][:, :, :pos + T], kv.v[l][:, :, :pos + T]       # (B, Hkv, pos + T, hs)
         a, c["attn"] = attention_forward(q, repeat_kv(k, H // Hkv), repeat_kv(v, H // Hkv))  # (B, H, T, hs)
         a = a.transpose(0, 2, 1, 3).reshape(B, T, C)                     # (B, T, C)
-        (o,), c["o"] = sparse_linear_forward(a, [params[p + "attn.wo"]], spec)
+        (o,), c["o"] = linear(l, "o", a)
         x = x + o
         # feed-forward
-        h, c["ffn_norm"] = rmsnorm_forward(x, params[p + "ffn_norm"], cfg.norm_eps)
-        (u, g), c["up_gate"] = sparse_linear_forward(
-            h, [params[p + "ffn.w_up"], params[p + "ffn.w_gate"]], spec)   # (B, T, Hd)
+        h, c["ffn_norm"] = ops.rmsnorm_forward(x, params[p + "ffn_norm"], cfg.norm_eps)
+        (u, g), c["up_gate"] = linear(l, "up_gate", h)                  # (B, T, Hd) each
         m, c["act"] = act_forward(u, g)                                    # (B, T, Hd)
-        (f,), c["down"] = sparse_linear_forward(m, [params[p + "ffn.w_down"]], spec)
+        (f,), c["down"] = linear(l, "down", m)
         x = x + f
-    h, caches["norm_f"] = rmsnorm_forward(x, params["norm_f"], cfg.norm_eps)
+    if kv is not None:
+        kv.length = pos + T
+    h, caches["norm_f"] = ops.rmsnorm_forward(x, params["norm_f"], cfg.norm_eps)
     logits = h @ head_weight(params, cfg).T                              # (B, T, V)
     caches["head_in"] = h
     caches["shape"] = (B, T)
@@ -286,13 +342,14 @@ def backward(params, cfg, caches, dloss=1.0, consume=False):
     C, H, Hkv = cfg.n_embd, cfg.n_head, cfg.n_kv_head
     hs = C // H
     act_backward = ACTIVATIONS[cfg.activation][1]
+    ops = caches["ops"]                                           # the ops the forward ran
     grads = {}
 
     dlogits = cross_entropy_backward(dloss, caches["loss"]).reshape(B, T, -1)    # (B, T, V)
     h = caches["head_in"]
     dhead = dlogits.reshape(B * T, -1).T @ h.reshape(B * T, C)                   # logits = h W^T
     dh = dlogits @ head_weight(params, cfg)                                       # (B, T, C)
-    dx, grads["norm_f"] = rmsnorm_backward(dh, caches["norm_f"])
+    dx, grads["norm_f"] = ops.rmsnorm_backward(dh, caches["norm_f"])
     for l in reversed(range(cfg.n_layer)):
         p = f"h.{l}."
         c = caches.pop(l) if consume else caches[l]
@@ -300,7 +357,7 @@ def backward(params, cfg, caches, dloss=1.0, consume=False):
         dm, (grads[p + "ffn.w_down"],) = sparse_linear_backward([dx], c["down"])
         du, dg = act_backward(dm, c["act"])
         dh, (grads[p + "ffn.w_up"], grads[p + "ffn.w_gate"]) = sparse_linear_backward([du, dg], c["up_gate"])
-        dh, grads[p + "ffn_norm"] = rmsnorm_backward(dh, c["ffn_norm"])
+        dh, grads[p + "ffn_norm"] = ops.rmsnorm_backward(dh, c["ffn_norm"])
         dx += dh                                                  # the residual: x feeds both paths
         # attention: x = x + sparsify(a) Wo^T
         da, (grads[p + "attn.wo"],) = sparse_linear_backward([dx], c["o"])
@@ -313,14 +370,23 @@ def backward(params, cfg, caches, dloss=1.0, consume=False):
         dk, dv = (d.transpose(0, 2, 1, 3).reshape(B, T, Hkv * hs) for d in (dk, dv))
         dh, (grads[p + "attn.wq"], grads[p + "attn.wk"], grads[p + "attn.wv"]) = \
             sparse_linear_backward([dq, dk, dv], c["qkv"])
-        dh, grads[p + "attn_norm"] = rmsnorm_backward(dh, c["attn_norm"])
+        dh, grads[p + "attn_norm"] = ops.rmsnorm_backward(dh, c["attn_norm"])
         dx += dh                                                  # the residual again
-    grads["wte"] = embedding_backward(dx, caches["wte"])
+    grads["wte"] = ops.embedding_backward(dx, caches["wte"])
     if cfg.tie_embeddings:
         grads["wte"] += dhead          # wte is used twice, as embedding and as head: gradients add
     else:
         grads["lm_head"] = dhead
     return grads
+
+
+def forward_backward(params, cfg, idx, targets, ops=REFERENCE, dloss=1.0):
+    """One training step's forward and backward on the batch (idx, targets): (B, T) token ids.
+    Returns the loss (a float), the gradients of dloss * loss (a dict like params) and the measured
+    sparsity {layer: {site: fraction of zeros}}, taken before the backward frees each layer's cache."""
+    _, loss, caches = forward(params, cfg, idx, targets, ops)
+    zeros = measured_sparsity(cfg, caches)
+    return float(loss), backward(params, cfg, caches, dloss, consume=True), zeros
 
 
 def measured_sparsity(cfg, caches):

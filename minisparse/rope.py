@@ -9,7 +9,7 @@ is rotated by the angle p * theta_i at position p:
 
 This is the "rotate half" layout of the Hugging Face LLaMA code (layout="half"). GGUF files
 store q and k reordered for llama.cpp's layout, which pairs *adjacent* channels instead:
-x1 = x[..., 0::2], x2 = x[..., 1::2] (layout="pairs"; QSPARSE.md Sec. 9). The same weights
+x1 = x[..., 0::2], x2 = x[..., 1::2] (layout="pairs"; docs/qsparse.md, Sec. 9). The same weights
 with the wrong layout still run, but predict badly. A rotation's inverse is its transpose,
 so the backward rotates by the opposite angle:
 
@@ -48,28 +48,19 @@ def _join(xp, y1, y2, layout):
 
 def rotate(x, cos, sin, layout="half"):
     """y1 = x1 cos - x2 sin, y2 = x1 sin + x2 cos: each pair (x1_i, x2_i) turned by its angle."""
-    xp = array_module(x)
-    if layout == "half":
-        # The same sums over the whole vector at once:  y = x * [cos, cos] + [x2, x1] * [-sin, sin].
-        # Seen as (..., 2, hs/2), [x2, x1] is x with its size-2 axis reversed: a view, no copy.
-        # Why: products over half-vectors run NumPy's inner loops hs/2 long, and the halves
-        # must then be joined; this is 2x faster (benchmarks/train_speed.py shapes).
-        x2d = x.reshape(x.shape[:-1] + (2, x.shape[-1] // 2))     # (..., 2, hs/2): [x1; x2]
-        y = x2d * xp.stack([cos, cos], axis=-2)                    # (T, 2, hs/2) broadcasts
-        y += x2d[..., ::-1, :] * xp.stack([-sin, sin], axis=-2)
-        return y.reshape(x.shape)
-    x1, x2 = _split(x, layout)
-    return _join(xp, x1 * cos - x2 * sin, x1 * sin + x2 * cos, layout)
+    x1, x2 = _split(x, layout)                                 # (..., hs/2) each
+    return _join(array_module(x), x1 * cos - x2 * sin, x1 * sin + x2 * cos, layout)
 
 
-def rope_forward(x, base=10000.0, offset=0, layout="half"):
-    """x (B, H, T, hs) -> rotated y (B, H, T, hs), cache (cos, sin, layout)."""
+def rope_forward(x, base=10000.0, offset=0, layout="half", rotate=rotate):
+    """x (B, H, T, hs) -> rotated y (B, H, T, hs), cache (cos, sin, layout, rotate).
+    rotate: this module's `rotate`, or a faster function equal to it (model.Ops)."""
     xp = array_module(x)
     T, hs = x.shape[-2], x.shape[-1]
     cos, sin = rope_tables(xp, T, hs, base, offset, x.dtype)   # (T, hs/2)
-    return rotate(x, cos, sin, layout), (cos, sin, layout)
+    return rotate(x, cos, sin, layout), (cos, sin, layout, rotate)
 
 
 def rope_backward(dy, cache):
-    cos, sin, layout = cache
+    cos, sin, layout, rotate = cache
     return rotate(dy, cos, -sin, layout)                       # the opposite angle

@@ -16,7 +16,7 @@ import numpy as np
 from .backend import array_module, to_numpy
 from .decode import SparsityMeter, decode_forward, new_cache
 from .errors import UsageError
-from .rowsparse import quiet_blas
+from .model import REFERENCE
 
 
 def sample_next(logits, temperature, top_k, rng):
@@ -36,10 +36,10 @@ def sample_next(logits, temperature, top_k, rng):
 
 
 def generate(params, cfg, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, rng=None,
-             spec=None, meter=None, fast=None, stop_id=None):
+             spec=None, meter=None, fast=None, stop_id=None, ops=REFERENCE):
     """prompt_ids (B, T0) ints -> (B, T0 + n) ints, as a NumPy array, n <= max_new_tokens.
 
-    fast: a decode.DecodeWeights, to read only the selected weight rows (decode.py).
+    fast: a fast.decode.DecodeWeights, to read only the selected weight rows; ops: model.Ops.
     stop_id: a token (end of turn) after which a row is done; generation ends when every row is."""
     if not temperature >= 0:                      # also rejects nan
         raise UsageError(f"temperature {temperature!r} is not allowed: it must be >= 0 (0 = greedy).")
@@ -51,14 +51,13 @@ def generate(params, cfg, prompt_ids, max_new_tokens, temperature=1.0, top_k=Non
     if out.shape[1] == 0:
         raise UsageError("the prompt is empty: give at least one token of text.")
     xp = array_module(params["wte"])
-    quiet = quiet_blas(fast.method) if fast is not None and fast.wt and xp is np else contextlib.nullcontext()
-    with quiet:                                   # see rowsparse.quiet_blas
+    with fast.quiet() if fast is not None else contextlib.nullcontext():   # BLAS settings for its kernels
         out = _decode_loop(params, cfg, out, max_new_tokens, temperature, top_k, rng, spec, meter, fast, xp,
-                           stop_id)
+                           stop_id, ops)
     return out
 
 
-def _decode_loop(params, cfg, out, max_new_tokens, temperature, top_k, rng, spec, meter, fast, xp, stop_id):
+def _decode_loop(params, cfg, out, max_new_tokens, temperature, top_k, rng, spec, meter, fast, xp, stop_id, ops):
     kv = None
     done = np.zeros(out.shape[0], dtype=bool)
     for _ in range(max_new_tokens):
@@ -66,9 +65,9 @@ def _decode_loop(params, cfg, out, max_new_tokens, temperature, top_k, rng, spec
             # (re)fill the cache with the most recent context
             keep = cfg.block_size if kv is None else cfg.block_size // 2
             kv = new_cache(params, cfg, out.shape[0])
-            logits = decode_forward(params, cfg, xp.asarray(out[:, -keep:]), kv, spec, meter, fast)
+            logits = decode_forward(params, cfg, xp.asarray(out[:, -keep:]), kv, spec, meter, fast, ops)
         else:
-            logits = decode_forward(params, cfg, xp.asarray(out[:, -1:]), kv, spec, meter, fast)
+            logits = decode_forward(params, cfg, xp.asarray(out[:, -1:]), kv, spec, meter, fast, ops)
         nxt = sample_next(to_numpy(logits[:, -1, :]), temperature, top_k, rng)
         out = np.concatenate([out, nxt[:, None]], axis=1)
         if stop_id is not None:

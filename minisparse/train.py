@@ -2,8 +2,9 @@
 
 One step at iteration `it`:
     x, y = get_batch(train, rng)                      (B, T) tokens and their next tokens
-    loss, grads = forward and backward: model.py, the batch split over
-                  `threads` CPU threads whose gradients add up (parallel.py)
+    loss, grads = forward and backward: model.forward_backward, or with the fast ops
+                  the batch split over `threads` CPU threads whose gradients add up
+                  (fast/parallel.py); --reference runs the readable ops on one thread
     clip_grad_norm(grads, grad_clip)
     AdamW.step(params, grads, lr_at(it))              warmup, then cosine to min_lr
 
@@ -25,14 +26,18 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from . import backend, model, parallel
+from . import backend, model
+from .fast import FAST, parallel
+from .fast.runtime import retain_freed_memory
 from .checkpoint import check_params, load_checkpoint, save_checkpoint
 from .data import check_split_lengths, get_batch, load_text, split_ids, tokenizer_from_dict, train_tokenizer
 from .errors import UsageError
+from .flags import given_values, option
+from .model import GPTConfig
 from .optimizer import AdamW, clip_grad_norm
 from .pretrained import is_pretrained_source, load_gguf
 from .schedule import lr_at
@@ -44,41 +49,51 @@ ARCH_FIELDS = ("n_layer", "n_head", "n_embd", "n_hidden", "block_size", "activat
 
 @dataclass
 class TrainConfig:
-    """Every flag of train_tiny.py, one to one. The defaults train a good tiny model in ~3 minutes."""
-    out_dir: str = "out-tiny"        # where checkpoints and metrics.jsonl go
-    data: str = "pydoc"              # 'pydoc' (built in), 'shakespeare' (downloaded once) or a text file
-    tokenizer: str = "char"          # 'char' or 'bpe'
-    vocab_size: int = 512            # for bpe only
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    n_hidden: int = 0                # FFN width; 0 = 8/3 n_embd rounded up to a multiple of 32
-    block_size: int = 64
-    activation: str = "relu2"        # 'relu2' (ReLU2-GLU, Eq. 11) or 'swiglu'
-    n_kv_head: int = 0               # key/value heads (grouped-query attention); 0 = n_head
-    tie_embeddings: bool = False     # the LM head is the token embedding
-    rope_layout: str = "half"        # 'half' (Hugging Face) or 'pairs' (GGUF / llama.cpp)
-    rope_base: float = 10000.0
-    norm_eps: float = 1e-5
-    sparsity: float = 0.5            # fraction of each projection input zeroed by top-K; 0 = dense
-    nm: str = ""                     # 'KEEP:BLOCK' for Block Q-Sparse, e.g. '16:32'; '' = off
-    no_ste: bool = False             # masked gradient instead of the straight-through estimator
-    batch_size: int = 12
-    max_iters: int = 3000
-    learning_rate: float = 2e-3
-    min_lr: float = 2e-4
-    warmup_iters: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0           # 0 = no clipping
-    eval_interval: int = 250
-    eval_iters: int = 20
-    seed: int = 1337
-    device: str = "cpu"              # 'cpu' (NumPy) or 'gpu' (CuPy)
-    threads: int = 0                 # CPU: threads that each train a part of the batch (parallel.py); 0 = auto
-    init_from: str = ""              # continue-training: the out_dir of another run
-    resume: bool = False             # continue this out_dir's run where it stopped
+    """A training run: the model's config and every other flag of train_tiny.py (flags.py).
+    The defaults train a good tiny model in a few minutes on a laptop CPU."""
+    model: GPTConfig = field(default_factory=GPTConfig)
+    out_dir: str = option("out-tiny", "folder for the checkpoint (ckpt.npz) and metrics.jsonl")
+    data: str = option("pydoc", "'pydoc' (Python's docs, built in), 'shakespeare' (downloaded once) or a "
+                                "UTF-8 text file")
+    tokenizer: str = option("char", "'char' (one token per character) or 'bpe' (byte-level BPE trained "
+                                    "on the corpus, --vocab_size tokens)")
+    batch_size: int = option(12, "sequences per step")
+    max_iters: int = option(3000, "training steps")
+    learning_rate: float = option(2e-3, "peak learning rate of AdamW")
+    min_lr: float = option(2e-4, "learning rate at the end of the cosine decay")
+    warmup_iters: int = option(100, "steps of linear warmup")
+    weight_decay: float = option(0.1, "AdamW decoupled weight decay (not applied to norm gains)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this; 0 = off")
+    eval_interval: int = option(250, "evaluate and save a checkpoint every this many steps")
+    eval_iters: int = option(20, "batches per split when estimating the loss")
+    seed: int = option(1337, "seed for the weights and the batches")
+    device: str = option("cpu", "'cpu' (NumPy) or 'gpu' (CuPy)")
+    threads: int = option(0, "CPU threads, each training its share of the batch's sequences "
+                             "(fast/parallel.py); 0 = one per core up to 20M parameters, else 1")
+    reference: bool = option(False, "run the readable reference ops on one thread, none of minisparse/fast/ "
+                                    "(slower; to step through a training step in a debugger)")
+    init_from: str = option("", "continue-training: start from the weights of the run in this out_dir, or "
+                                "from a pretrained model: 'smollm2' (SmolLM2-135M-Instruct) or a "
+                                "LLaMA-family .gguf file")
+    resume: bool = option(False, "continue this out_dir's interrupted run exactly where it stopped")
+
+    @classmethod
+    def from_flags(cls, given):
+        """The config of train_tiny.py's parsed flags, a dict of those the user gave."""
+        return cls(model=GPTConfig(**given_values(GPTConfig, given)), **given_values(cls, given))
+
+    def get(self, name):
+        """The value of flag `name`, a field of this config or of its model config."""
+        return getattr(self, name) if name != "model" and hasattr(self, name) else getattr(self.model, name)
+
+    def to_dict(self):
+        return {**asdict(self), "model": self.model.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**{**d, "model": model.GPTConfig.from_dict(d["model"])})
 
     def validate(self):
         for name in ("batch_size", "max_iters", "eval_interval", "eval_iters"):
@@ -105,25 +120,6 @@ class TrainConfig:
         if self.resume and self.init_from:
             raise UsageError("--resume and --init_from cannot be used together: resume continues this "
                              "out_dir's run, init_from starts a new run from another's weights.")
-        self.nm_tuple()
-
-    def nm_tuple(self):
-        """'16:32' -> (16, 32); '' -> None."""
-        if not self.nm:
-            return None
-        try:
-            keep, block = (int(s) for s in self.nm.split(":"))
-        except ValueError:
-            raise UsageError(f"--nm {self.nm!r} is not allowed: write KEEP:BLOCK with whole numbers, "
-                             "e.g. 16:32 keeps 16 of every 32 channels.") from None
-        return keep, block
-
-    def model_config(self, vocab_size):
-        return model.GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,
-                               n_head=self.n_head, n_embd=self.n_embd, n_hidden=self.n_hidden,
-                               activation=self.activation, sparsity=self.sparsity, nm=self.nm_tuple(),
-                               ste=not self.no_ste, n_kv_head=self.n_kv_head, tie_embeddings=self.tie_embeddings,
-                               rope_layout=self.rope_layout, rope_base=self.rope_base, norm_eps=self.norm_eps)
 
 
 class TrainingDiverged(RuntimeError):
@@ -153,7 +149,7 @@ def load_run(out_dir):
     return params, opt_state, cfg, tok, meta
 
 
-def estimate_loss(params, cfg, data, tc, it):
+def estimate_loss(params, cfg, data, tc, it, ops=model.REFERENCE):
     """Mean loss over eval_iters batches of each split, drawn from a generator seeded by (seed, it),
     and the sparsity measured on them: {"train": loss, "val": loss, "train_sparsity": {site: zeros}, ...}."""
     out = {}
@@ -162,7 +158,7 @@ def estimate_loss(params, cfg, data, tc, it):
         losses, zeros = [], {site: 0.0 for site in model.SITES}
         for _ in range(tc.eval_iters):
             x, y = get_batch(ids, cfg.block_size, tc.batch_size, rng)
-            _, loss, caches = model.forward(params, cfg, backend.asarray(x), backend.asarray(y))
+            _, loss, caches = model.forward(params, cfg, backend.asarray(x), backend.asarray(y), ops)
             losses.append(float(loss))
             for site, frac in model.mean_sparsity(cfg, caches).items():
                 zeros[site] += frac / tc.eval_iters
@@ -199,29 +195,30 @@ def train(tc, given=(), progress=True, log=print):
     Returns a summary dict: final losses, time, measured sparsity, N and N_a."""
     tc.validate()
     backend.set_device(tc.device)
-    backend.retain_freed_memory()      # no page faults from re-allocating activations (backend.py)
+    if not tc.reference:
+        retain_freed_memory()          # no page faults from re-allocating activations (fast/runtime.py)
     os.makedirs(tc.out_dir, exist_ok=True)
     path = ckpt_path(tc.out_dir)
     metrics_path = os.path.join(tc.out_dir, "metrics.jsonl")
 
-    opt_state, start_iter, rng_state = None, 0, None
+    opt_state, start_iter, rng_state, saved_threads = None, 0, None, None
     if tc.resume:
         params, opt_state, cfg, tok, meta = load_run(tc.out_dir)
         try:
-            saved = TrainConfig(**meta["train"])
+            saved = TrainConfig.from_dict(meta["train"])
             meta["iter"], meta["rng"]
         except (KeyError, TypeError) as e:
             raise UsageError(f"checkpoint {path!r} is corrupt: its metadata lacks or garbles {e}.") from None
         for name in given:
-            if name not in ("resume", "out_dir", "device", "max_iters") and getattr(tc, name) != getattr(saved, name):
-                raise UsageError(f"--{name} {getattr(tc, name)!r} differs from the run being resumed "
-                                 f"({getattr(saved, name)!r}): --resume continues a run as it was configured.")
+            if name not in ("resume", "out_dir", "device", "max_iters") and tc.get(name) != saved.get(name):
+                raise UsageError(f"--{name} {tc.get(name)!r} differs from the run being resumed "
+                                 f"({saved.get(name)!r}): --resume continues a run as it was configured.")
         for name in ("max_iters", "device"):     # the only settings a resume may change
             if name in given:
                 setattr(saved, name, getattr(tc, name))
         saved.resume, saved.out_dir = True, tc.out_dir
         tc = saved
-        start_iter, rng_state = meta["iter"], meta["rng"]
+        start_iter, rng_state, saved_threads = meta["iter"], meta["rng"], meta.get("threads")
         if tc.max_iters < start_iter:
             raise UsageError(f"--max_iters {tc.max_iters} is below the {start_iter} steps this run has "
                              "already taken: give a larger --max_iters to continue it.")
@@ -233,22 +230,22 @@ def train(tc, given=(), progress=True, log=print):
         check_params(opt_state["v"], shapes, path)
     elif tc.init_from:
         if is_pretrained_source(tc.init_from):                     # a GGUF file (pretrained.py)
-            params, src_cfg, tok, _ = load_gguf(tc.init_from, block_size=tc.block_size)
+            params, src_cfg, tok, _ = load_gguf(tc.init_from, block_size=tc.model.block_size)
         else:
             params, _, src_cfg, tok, _ = load_run(tc.init_from)
         for name in ARCH_FIELDS:          # the architecture comes with the weights
-            if name in given and getattr(tc, name) != getattr(src_cfg, name):
-                raise UsageError(f"--{name} {getattr(tc, name)!r} does not match the weights in "
+            if name in given and tc.get(name) != getattr(src_cfg, name):
+                raise UsageError(f"--{name} {tc.get(name)!r} does not match the weights in "
                                  f"{tc.init_from!r} ({getattr(src_cfg, name)!r}): drop the flag to use theirs.")
-            setattr(tc, name, getattr(src_cfg, name))
+        tc.model = replace(tc.model, **{name: getattr(src_cfg, name) for name in ARCH_FIELDS})
         tc.tokenizer = tok.kind
     text = load_text(tc.data)
     if not (tc.resume or tc.init_from):
-        tok = train_tokenizer(text, tc.tokenizer, tc.vocab_size)
+        tok = train_tokenizer(text, tc.tokenizer, tc.model.vocab_size)
     train_ids, val_ids = split_ids(tok.encode(text))
-    check_split_lengths(train_ids, val_ids, tc.block_size)
+    check_split_lengths(train_ids, val_ids, tc.model.block_size)
     data = {"train": train_ids, "val": val_ids}
-    cfg = tc.model_config(tok.vocab_size)
+    cfg = replace(tc.model, vocab_size=tok.vocab_size)           # the model config trained
     if not (tc.resume or tc.init_from):
         params = model.init_params(cfg, seed=tc.seed)
 
@@ -259,13 +256,24 @@ def train(tc, given=(), progress=True, log=print):
     if rng_state is not None:
         rng.bit_generator.state = rng_state
 
+    ops = model.REFERENCE if tc.reference else FAST
+    # the batch is split over this many threads on the CPU. The rounding of the summed gradients
+    # depends on it, so a resumed run keeps the count its checkpoint records (--threads 0 would
+    # pick another on a machine with other cores)
+    if tc.device == "gpu" or tc.reference:
+        threads = 1
+    elif saved_threads is not None:
+        threads = saved_threads
+    else:
+        threads = tc.threads or parallel.auto_threads(sum(int(p.size) for p in params.values()))
+
     kept = _read_metrics(metrics_path, start_iter) if tc.resume else []
     metrics = open(metrics_path, "w")
     metrics.writelines(kept)
 
     def save(next_iter):
         metrics.flush()
-        meta = {"model": cfg.to_dict(), "train": asdict(tc), "iter": next_iter,
+        meta = {"model": cfg.to_dict(), "train": tc.to_dict(), "iter": next_iter, "threads": threads,
                 "rng": rng.bit_generator.state, "tokenizer": tok.to_dict()}
         save_checkpoint(path, params, meta, opt.state_dict())
         return next_iter
@@ -292,13 +300,11 @@ def train(tc, given=(), progress=True, log=print):
     last_saved, last = start_iter, {}
     tok_per_s, stopped, per_layer = None, False, None
     tokens_per_step = tc.batch_size * cfg.block_size
-    # the batch is split over this many threads on the CPU (the rounding of the sums depends on it)
-    threads = 1 if tc.device == "gpu" else (tc.threads or parallel.auto_threads(sum(int(p.size) for p in params.values())))
     t_start = time.perf_counter()
     try:
         for it in range(start_iter, tc.max_iters + 1):
             if it % tc.eval_interval == 0 or it == tc.max_iters:
-                losses = estimate_loss(params, cfg, data, tc, it)
+                losses = estimate_loss(params, cfg, data, tc, it, ops)
                 if not (math.isfinite(losses["train"]) and math.isfinite(losses["val"])):
                     # never overwrite the last good checkpoint with broken weights
                     raise _diverged("evaluation loss", losses["val"], it, last_saved, path)
@@ -312,7 +318,11 @@ def train(tc, given=(), progress=True, log=print):
                 break
             t0 = time.perf_counter()
             x, y = get_batch(train_ids, cfg.block_size, tc.batch_size, rng)
-            loss, grads, per_layer = parallel.forward_backward(params, cfg, backend.asarray(x), backend.asarray(y), threads)
+            x, y = backend.asarray(x), backend.asarray(y)
+            if tc.reference:
+                loss, grads, per_layer = model.forward_backward(params, cfg, x, y)
+            else:
+                loss, grads, per_layer = parallel.forward_backward(params, cfg, x, y, ops, threads)
             if not math.isfinite(loss):
                 raise _diverged("training loss", loss, it, last_saved, path)
             norm = clip_grad_norm(grads, tc.grad_clip)

@@ -1,10 +1,11 @@
-"""Data parallelism (minisparse/parallel.py): the batch split over threads gives the whole
+"""Data parallelism (minisparse/fast/parallel.py): the batch split over threads gives the whole
 batch's loss, gradients and measured sparsity, up to float rounding (float64 here)."""
 
 import numpy as np
 import pytest
 
-from minisparse import model, parallel
+from minisparse import model
+from minisparse.fast import FAST, parallel
 
 
 def setup(sparsity=0.0, nm=None, B=5, **kw):
@@ -22,21 +23,22 @@ def test_split_sizes():
     assert parallel.split(7, 0) == [slice(0, 7)]
 
 
+@pytest.mark.parametrize("ops", [model.REFERENCE, FAST], ids=lambda o: o.name)
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("sparsity, nm, kw", [
     (0.0, None, {}),
     (0.5, None, {}),
     (0.0, (2, 4), dict(activation="swiglu", n_kv_head=2, tie_embeddings=True)),
 ])
-def test_split_batch_equals_whole_batch(threads, sparsity, nm, kw, monkeypatch):
+def test_split_batch_equals_whole_batch(threads, sparsity, nm, kw, ops, monkeypatch):
     cfg, params, x, y = setup(sparsity, nm, **kw)
-    _, ref_loss, caches = model.forward(params, cfg, x, y)
+    _, ref_loss, caches = model.forward(params, cfg, x, y, ops)
     ref_zeros = model.measured_sparsity(cfg, caches)
     ref_grads = model.backward(params, cfg, caches)
     ran = []
     forward = model.forward
-    monkeypatch.setattr(model, "forward", lambda p, c, xx, yy: ran.append(xx.shape[0]) or forward(p, c, xx, yy))
-    loss, grads, zeros = parallel.forward_backward(params, cfg, x, y, threads=threads)
+    monkeypatch.setattr(model, "forward", lambda p, c, xx, yy, *a: ran.append(xx.shape[0]) or forward(p, c, xx, yy, *a))
+    loss, grads, zeros = parallel.forward_backward(params, cfg, x, y, ops, threads=threads)
     assert sorted(ran) == sorted(s.stop - s.start for s in parallel.split(5, threads))   # 5 = 2 + 3, 1 + 2 + 2
     if threads == 1:
         assert loss == float(ref_loss)                           # the plain path, exactly
@@ -70,9 +72,9 @@ def test_split_batch_is_repeatable():
 
 def test_without_threadpoolctl_the_batch_is_not_split(monkeypatch):
     cfg, params, x, y = setup()
-    monkeypatch.setattr(parallel.backend, "blas_threads", lambda n: None)
+    monkeypatch.setattr(parallel, "blas_threads", lambda n: None)
     ran = []
     forward = model.forward
-    monkeypatch.setattr(model, "forward", lambda p, c, xx, yy: ran.append(xx.shape[0]) or forward(p, c, xx, yy))
+    monkeypatch.setattr(model, "forward", lambda p, c, xx, yy, *a: ran.append(xx.shape[0]) or forward(p, c, xx, yy, *a))
     parallel.forward_backward(params, cfg, x, y, threads=2)
     assert ran == [5]

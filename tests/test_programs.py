@@ -24,7 +24,9 @@ import pytest
 
 import generate
 import train_tiny
-from minisparse import checkpoint, model, rowsparse
+from minisparse import checkpoint, model
+from minisparse.fast import FAST
+from minisparse.fast import rowsparse as fast_rowsparse
 from minisparse import train as mtrain
 from minisparse.checkpoint import load_checkpoint, save_checkpoint
 from minisparse.data import load_text, split_ids
@@ -191,6 +193,24 @@ def test_interrupted_and_resumed_run_equals_one_that_never_stopped(corpus, tmp_p
     assert ma["rng"] == mb["rng"] and ma["iter"] == mb["iter"] == 8
 
 
+def test_resume_keeps_the_thread_count_the_run_started_with(corpus, tmp_path, capsys, monkeypatch):
+    """--threads 0 picks one thread per core, and the split changes the rounding of the summed
+    gradients: a run resumed on a machine with another core count must keep the count it began with."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    monkeypatch.setattr("minisparse.fast.parallel.cores", lambda: 2)
+    assert call(train_tiny, tiny(corpus, a, "--threads", 0), capsys)[0] == 0
+    stop = Interrupt(monkeypatch, 3)
+    assert call(train_tiny, tiny(corpus, b, "--threads", 0), capsys)[0] == 0
+    monkeypatch.undo()
+    assert stop.count == 3 and load_checkpoint(ckpt(b))[2]["threads"] == 2
+    monkeypatch.setattr("minisparse.fast.parallel.cores", lambda: 1)          # "another machine"
+    rc, out, _ = call(train_tiny, ["--resume", "--out_dir", b], capsys)
+    assert rc == 0 and "done: iter 8" in out
+    assert losses(b) == losses(a)
+    pa, pb = load_checkpoint(ckpt(a))[0], load_checkpoint(ckpt(b))[0]
+    assert all(np.array_equal(pa[k], pb[k]) for k in pa), "the resumed run's weights differ"
+
+
 def test_bare_resume_keeps_the_runs_max_iters(corpus, tmp_path, capsys, monkeypatch):
     """README: 'python train_tiny.py --resume continues, and ends with exactly the losses of a run
     that was never stopped'. Resume is interrupted again at its first step, so a regression to
@@ -242,10 +262,10 @@ def test_continue_training_starts_from_the_dense_weights(corpus, dense_run, tmp_
     src_params, _, src_cfg, tok, _ = mtrain.load_run(str(dense_run))
     assert src_cfg.sparsity == 0.0
     cfg = model.GPTConfig.from_dict(meta["model"])
-    tc = mtrain.TrainConfig(**meta["train"])
+    tc = mtrain.TrainConfig.from_dict(meta["train"])
     train_ids, val_ids = split_ids(tok.encode(load_text(str(corpus))))
     data = {"train": train_ids, "val": val_ids}
-    expected = mtrain.estimate_loss(src_params, cfg, data, tc, 0)
+    expected = mtrain.estimate_loss(src_params, cfg, data, tc, 0, FAST)     # the ops train.py runs
     first = read_metrics(other)[1][0]
     assert first["iter"] == 0
     assert (first["train_loss"], first["val_loss"]) == (expected["train"], expected["val"])
@@ -293,7 +313,7 @@ def test_generate_is_repeatable(sparse_run, capsys):
     assert "sample 1" in two and "sample 2" in two
 
 
-@pytest.mark.parametrize("kernel", ["masked", "gather", "chunked"] + (["numba"] if rowsparse.numba else []))
+@pytest.mark.parametrize("kernel", ["masked", "gather", "chunked"] + (["numba"] if fast_rowsparse.numba else []))
 def test_generate_kernels_give_the_same_greedy_text(kernel, sparse_run, capsys):
     """Every --kernel computes the same projections (to float32 rounding): greedy text agrees."""
     def greedy(k):
@@ -307,7 +327,7 @@ def test_generate_kernels_give_the_same_greedy_text(kernel, sparse_run, capsys):
 
 
 def test_generate_numba_kernel_without_numba_is_one_sentence(sparse_run, capsys, monkeypatch):
-    monkeypatch.setattr(rowsparse, "numba", None)
+    monkeypatch.setattr(fast_rowsparse, "numba", None)
     rc, _, err = call(generate, ["--out_dir", sparse_run, "--prompt", "the", "--kernel", "numba"], capsys)
     assert_one_sentence(rc, err, "generate.py", "numba", "pip install numba")
 
@@ -374,6 +394,7 @@ SHORT_TRAIN = "abcdefghij"     # 10 tokens: training 9
 @pytest.mark.parametrize("extra, needles", [
     (["--sparsity", "1.0"], ["sparsity 1.0", "[0, 1)"]),
     (["--sparsity", "-0.1"], ["sparsity -0.1", "[0, 1)"]),
+    (["--n_embd", "8", "--sparsity", "0.95"], ["sparsity 0.95", "8 channels", "K = 0"]),
     (["--n_embd", "30", "--n_head", "4"], ["n_embd=30", "n_head=4", "divisible"]),
     (["--nm", "3:5"], ["block 5", "16"]),
     (["--nm", "20:16"], ["keep=20", "block=16"]),
@@ -551,8 +572,10 @@ def cli(script, *args):
 def test_cli_help_lists_every_flag():
     r = cli("train_tiny.py", "--help")
     assert r.returncode == 0, r.stderr
-    for f in fields(mtrain.TrainConfig):
-        assert f"--{f.name}" in r.stdout, f"--{f.name} missing from --help"
+    for f in fields(mtrain.TrainConfig) + fields(model.GPTConfig):
+        if f.name != "model":
+            assert f"--{f.name}" in r.stdout, f"--{f.name} missing from --help"
+    assert "--no_ste" in r.stdout
     assert cli("generate.py", "--help").returncode == 0
 
 

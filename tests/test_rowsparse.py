@@ -1,4 +1,4 @@
-"""Sparse decoding (minisparse/rowsparse.py, decode.DecodeWeights): every faster path equals the reference.
+"""Sparse decoding (minisparse/rowsparse.py, fast/rowsparse.py, fast/decode.py): every faster path equals the reference.
 
 The reference is `vals @ Wt[idx]`; it equals the masked dense product xs @ W^T. The chunked
 NumPy path, the numba kernel (where numba is installed) and the CuPy kernel (where a GPU is)
@@ -9,13 +9,16 @@ import numpy as np
 import pytest
 
 from conftest import has_gpu, row_kinds
-from minisparse import decode, model, rowsparse
-from minisparse.decode import DecodeWeights, SparsityMeter, decode_forward, new_cache
+from minisparse import model, rowsparse
+from minisparse.decode import SparsityMeter, decode_forward, new_cache
+from minisparse.fast import rowsparse as frs
+from minisparse.fast.decode import DecodeWeights
+from minisparse.fast.topk import topk_nonzero
 from minisparse.linear import SparseSpec
 from minisparse.nm import nm_mask
 from minisparse.sampling import generate
 
-CPU_METHODS = ["gather", "chunked"] + (["numba"] if rowsparse.numba is not None else [])
+CPU_METHODS = ["gather", "chunked"] + (["numba"] if frs.numba is not None else [])
 
 
 
@@ -39,7 +42,7 @@ def test_gather_reference_equals_masked_dense_product():
     xs = np.zeros_like(x)
     xs[idx] = x[idx]
     dense = np.concatenate([xs @ w.T for w in W])
-    np.testing.assert_allclose(rowsparse.rows_matvec_gather(x[idx], idx, rowsparse.input_major(W)), dense,
+    np.testing.assert_allclose(rowsparse.rows_matvec(x[idx], idx, rowsparse.input_major(W)), dense,
                                rtol=1e-13, atol=1e-13)
 
 
@@ -49,8 +52,8 @@ def test_gather_reference_equals_masked_dense_product():
 def test_cpu_methods_equal_reference(method, D, O, K):
     W, x, idx = case(D, O, K, seed=K)
     Wt = rowsparse.input_major(W)
-    ref = rowsparse.rows_matvec_gather(x[idx], idx, Wt)
-    got = rowsparse.rows_matvec(x[idx], idx, Wt, method)
+    ref = rowsparse.rows_matvec(x[idx], idx, Wt)
+    got = frs.rows_matvec(x[idx], idx, Wt, method)
     assert got.shape == (sum(O),) and got.dtype == np.float32
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * max(1.0, np.sqrt(K)))
 
@@ -58,14 +61,14 @@ def test_cpu_methods_equal_reference(method, D, O, K):
 def test_chunked_with_chunk_not_dividing_k():
     W, x, idx = case(128, (200,), 70, seed=5)
     Wt = rowsparse.input_major(W)
-    np.testing.assert_allclose(rowsparse.rows_matvec_chunked(x[idx], idx, Wt, chunk=16),
-                               rowsparse.rows_matvec_gather(x[idx], idx, Wt), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(frs.rows_matvec_chunked(x[idx], idx, Wt, chunk=16),
+                               rowsparse.rows_matvec(x[idx], idx, Wt), rtol=1e-5, atol=1e-4)
 
 
 def test_unknown_method():
     W, x, idx = case(8, (4,), 2)
     with pytest.raises(ValueError, match="not one of"):
-        rowsparse.rows_matvec(x[idx], idx, rowsparse.input_major(W), "fast")
+        frs.rows_matvec(x[idx], idx, rowsparse.input_major(W), "fast")
 
 
 @pytest.mark.parametrize("method", CPU_METHODS)
@@ -90,6 +93,31 @@ def test_decode_with_rowsparse_equals_masked_decode(method, sparsity, nm, activa
 
 
 @pytest.mark.parametrize("method", CPU_METHODS)
+@pytest.mark.parametrize("sparsity,nm", [(0.5, None), (0.0, (2, 4))])
+@pytest.mark.parametrize("B,Tq", [(1, 3), (2, 1), (2, 2)])
+def test_multi_token_rowsparse_decode_equals_masked_decode(method, sparsity, nm, B, Tq):
+    """Calls of 2..max_rows tokens at once (a short prefill, a batch of samples) take the row-sparse
+    branch that loops over tokens: the same logits and counted zeros as the masked product."""
+    cfg = model.GPTConfig(vocab_size=13, block_size=12, n_layer=2, n_head=2, n_embd=32, sparsity=sparsity, nm=nm)
+    params = model.init_params(cfg, seed=5)
+    fast = DecodeWeights(params, cfg, method, max_rows=4)
+    seen = []
+    project = fast.project
+    fast.project = lambda l, site, x, spec: seen.append(x.shape[:2]) or project(l, site, x, spec)
+    idx = np.random.default_rng(3).integers(0, 13, (B, 3 * Tq))
+    kv_a, kv_b = new_cache(params, cfg, B), new_cache(params, cfg, B)
+    meter_a, meter_b = SparsityMeter(), SparsityMeter()
+    a, b = [], []
+    for t in range(0, idx.shape[1], Tq):
+        a.append(decode_forward(params, cfg, idx[:, t:t + Tq], kv_a, meter=meter_a))
+        b.append(decode_forward(params, cfg, idx[:, t:t + Tq], kv_b, meter=meter_b, fast=fast))
+    assert seen and set(seen) == {(B, Tq)}                                   # the multi-token branch ran
+    np.testing.assert_allclose(np.concatenate(b, 1), np.concatenate(a, 1), rtol=1e-4, atol=1e-5)
+    for site in meter_a.mean():
+        assert meter_b.mean()[site] == pytest.approx(meter_a.mean()[site], abs=1e-12)
+
+
+@pytest.mark.parametrize("method", CPU_METHODS)
 @pytest.mark.parametrize("keep,block", [(2, 4), (8, 32), (1, 8), (0, 4)])
 def test_nm_rows_matvec_equals_masked_product(method, keep, block):
     """Block Q-Sparse's one-token product: the N:M-masked input times the weights, reading one row
@@ -97,7 +125,7 @@ def test_nm_rows_matvec_equals_masked_product(method, keep, block):
     W, x, _ = case(256, (96, 64), 0, seed=keep + block)
     x[::7] = 0.0
     xs = x * nm_mask(x, keep, block)
-    y, read = rowsparse.nm_rows_matvec(x, keep, block, rowsparse.input_major(W), method)
+    y, read = frs.nm_rows_matvec(x, keep, block, rowsparse.input_major(W), method)
     assert read == np.count_nonzero(xs) <= 256 * keep // block
     np.testing.assert_allclose(y, np.concatenate([xs @ w.T for w in W]), rtol=1e-5, atol=1e-4)
 
@@ -109,10 +137,10 @@ def test_rowsparse_reads_fewer_rows_than_k_when_inputs_are_zero(monkeypatch):
     seen = []
     orig = rowsparse.rows_matvec
 
-    def spy(vals, idx, Wt, method="auto"):
+    def spy(vals, idx, Wt):
         seen.append((Wt.shape, idx.shape[0], int(np.count_nonzero(vals))))
-        return orig(vals, idx, Wt, method)
-    monkeypatch.setattr("minisparse.rowsparse.rows_matvec", spy)     # topk_rows_matvec's call
+        return orig(vals, idx, Wt)
+    monkeypatch.setattr("minisparse.rowsparse.rows_matvec", spy)     # the reference topk_rows_matvec's call
     decode_forward(params, cfg, np.array([[3]]), new_cache(params, cfg, 1), fast=DecodeWeights(params, cfg, "gather"))
     K = 32 - round(0.25 * 32)
     by_rows = {shape[0]: (n, nz) for shape, n, nz in seen}
@@ -125,10 +153,10 @@ def test_rowsparse_reads_fewer_rows_than_k_when_inputs_are_zero(monkeypatch):
 def test_decode_weights_warm_the_numba_kernel_before_the_first_token(monkeypatch, method):
     """numba's first call loads the kernel and starts its threads (~0.4 s): DecodeWeights makes it,
     once, so that generate.py's tokens/s times decoding only. Other methods need no warm-up."""
-    if method == "numba" and rowsparse.numba is None:
+    if method == "numba" and frs.numba is None:
         pytest.skip("numba is not installed")
     calls = []
-    monkeypatch.setattr("minisparse.decode.topk_rows_matvec", lambda x, k, wt, m: calls.append((x.shape, m)))
+    monkeypatch.setattr("minisparse.fast.rowsparse.topk_rows_matvec", lambda x, k, wt, m: calls.append((x.shape, m)))
     cfg = model.GPTConfig(vocab_size=13, block_size=8, n_layer=2, n_head=2, n_embd=16, sparsity=0.5)
     DecodeWeights(model.init_params(cfg, seed=1), cfg, method)
     assert calls == ([((16,), "numba")] if method == "numba" else [])
@@ -136,20 +164,19 @@ def test_decode_weights_warm_the_numba_kernel_before_the_first_token(monkeypatch
 
 @pytest.mark.parametrize("with_numba", [True, False])
 def test_auto_takes_the_row_sparse_kernel_only_where_it_pays(monkeypatch, with_numba):
-    """'auto' on the CPU: numba's kernel for projections of >= AUTO_MIN_WEIGHTS weights, the masked
+    """'auto' on the CPU: numba's kernel for projections of >= min_weights weights, the masked
     product for the rest, and for all of them without numba; the decode gives the same logits."""
-    if with_numba and rowsparse.numba is None:
+    if with_numba and frs.numba is None:
         pytest.skip("numba is not installed")
     if not with_numba:
-        monkeypatch.setattr("minisparse.rowsparse.numba", None)
-    monkeypatch.setattr("minisparse.decode.AUTO_MIN_WEIGHTS", 32 * 96)       # qkv (32 x 96) and up
+        monkeypatch.setattr("minisparse.fast.rowsparse.numba", None)
     cfg = model.GPTConfig(vocab_size=13, block_size=8, n_layer=2, n_head=2, n_embd=32, sparsity=0.5)
     params = model.init_params(cfg, seed=1)
-    fast = DecodeWeights(params, cfg)
+    fast = DecodeWeights(params, cfg, min_weights=32 * 96)                   # qkv (32 x 96) and up
     sizes = {(l, site): params[f"h.{l}.{names[0]}"].shape[1] * sum(params[f"h.{l}.{n}"].shape[0] for n in names)
-             for l in range(2) for site, names in decode.SITE_WEIGHTS.items()}
-    if rowsparse.numba is None:
-        assert fast.wt == {} and fast.method == "chunked"
+             for l in range(2) for site, names in model.SITE_WEIGHTS.items()}
+    if frs.numba is None:
+        assert fast.wt == {}                                                   # every one masked
     else:
         assert sorted(fast.wt) == sorted(k for k, n in sizes.items() if n >= 32 * 96) and fast.method == "numba"
         assert ("qkv" in {s for _, s in fast.wt}) and ("o" not in {s for _, s in fast.wt})   # o: 32 x 32
@@ -177,8 +204,8 @@ def test_cuda_kernel_equals_reference(D, O, K):
     import cupy
     W, x, idx = case(D, (O,), K, seed=K)
     Wt = rowsparse.input_major(W)
-    ref = rowsparse.rows_matvec_gather(x[idx], idx, Wt)
-    got = rowsparse.rows_matvec(cupy.asarray(x[idx]), cupy.asarray(idx), cupy.asarray(Wt))
+    ref = rowsparse.rows_matvec(x[idx], idx, Wt)
+    got = frs.rows_matvec(cupy.asarray(x[idx]), cupy.asarray(idx), cupy.asarray(Wt))
     np.testing.assert_allclose(cupy.asnumpy(got), ref, rtol=1e-5, atol=1e-5 * max(1.0, np.sqrt(K)))
 
 
@@ -191,7 +218,6 @@ def one_row_each(D, seed):
 def test_radix_select_keeps_exactly_topk_nonzero(D):
     """The GPU selection's algorithm, in NumPy (runs everywhere): the same positions as topk_nonzero,
     ties at the threshold and zeros included, and subnormal and negative-zero rows too."""
-    from minisparse.topk import topk_nonzero
     rows = one_row_each(D, seed=D)
     rows["subnormal"] = (rows["distinct"] * 1e-40).astype(np.float32)
     rows["negative zero"] = -np.zeros(D, dtype=np.float32)
@@ -199,20 +225,20 @@ def test_radix_select_keeps_exactly_topk_nonzero(D):
     rows["infinities"][::3] = np.inf * np.sign(rows["distinct"][::3])     # more infs than k: ties at inf
     for name, x in rows.items():
         for k in sorted({0, 1, D // 3, D // 2, D - 1, D, D + 5}):
-            np.testing.assert_array_equal(rowsparse.radix_select(x, k), topk_nonzero(x, k), err_msg=f"{name} k={k}")
+            np.testing.assert_array_equal(frs.radix_select(x, k), topk_nonzero(x, k), err_msg=f"{name} k={k}")
 
 
 @pytest.mark.skipif(not has_gpu(), reason="needs CuPy and a CUDA device")
-@pytest.mark.parametrize("D", [1, 64, 100, 1024, 1500, 4096, 5472, rowsparse.CUDA_MAX_D])
+@pytest.mark.parametrize("D", [1, 64, 100, 1024, 1500, 4096, 5472, frs.CUDA_MAX_D])
 def test_cuda_topk_select_keeps_exactly_topk_nonzero(D):
     """With Wt = I, y is the sparsified row itself: each output is one product by 1, so y must equal
     x * topk_mask(x, k) exactly, ties and zeros included, and the count must be topk_nonzero's."""
     import cupy
-    from minisparse.topk import topk_mask, topk_nonzero
+    from minisparse.topk import topk_mask
     eye = cupy.eye(D, dtype=cupy.float32)
     for name, x in one_row_each(D, seed=D).items():
         for k in sorted({0, 1, D // 3, D // 2, D - 1, D, D + 5}):
-            y, n = rowsparse.topk_rows_matvec_cuda(cupy.asarray(x), k, eye)
+            y, n = frs.topk_rows_matvec_cuda(cupy.asarray(x), k, eye)
             want = x * topk_mask(x[None], k)[0]
             np.testing.assert_array_equal(cupy.asnumpy(y), want, err_msg=f"{name} k={k}")
             assert int(n) == topk_nonzero(x, k).shape[0], (name, k)
@@ -220,24 +246,23 @@ def test_cuda_topk_select_keeps_exactly_topk_nonzero(D):
 
 @pytest.mark.skipif(not has_gpu(), reason="needs CuPy and a CUDA device")
 @pytest.mark.parametrize("D,O,k", [(64, 96, 16), (100, 4097, 37), (2048, 6144, 1024), (5472, 2048, 2736),
-                                   (rowsparse.CUDA_MAX_D + 8, 64, 100)])
+                                   (frs.CUDA_MAX_D + 8, 64, 100)])
 def test_cuda_topk_rows_matvec_equals_reference(D, O, k):
     """The device path (selection and product, or past CUDA_MAX_D topk_nonzero and the kernel) equals
     topk_nonzero + the gather reference, for the kernel's unrolls and block heights too."""
     import cupy
-    from minisparse.topk import topk_nonzero
     W, x, _ = case(D, (O,), 0, seed=k)
     Wt = rowsparse.input_major(W)
     idx = topk_nonzero(x, k)
-    ref = rowsparse.rows_matvec_gather(x[idx], idx, Wt)
+    ref = rowsparse.rows_matvec(x[idx], idx, Wt)
     gx, gWt = cupy.asarray(x), cupy.asarray(Wt)
     tol = dict(rtol=1e-5, atol=1e-5 * np.sqrt(k))
-    y, n = rowsparse.topk_rows_matvec(gx, k, gWt)
+    y, n = frs.topk_rows_matvec(gx, k, gWt)
     np.testing.assert_allclose(cupy.asnumpy(y), ref, **tol)
     assert int(n) == idx.shape[0]
-    if D <= rowsparse.CUDA_MAX_D:
+    if D <= frs.CUDA_MAX_D:
         for rows_per_block, unroll in [(16, 4), (64, 8), (7, 8)]:
-            y, _ = rowsparse.topk_rows_matvec_cuda(gx, k, gWt, rows_per_block, unroll)
+            y, _ = frs.topk_rows_matvec_cuda(gx, k, gWt, rows_per_block, unroll)
             np.testing.assert_allclose(cupy.asnumpy(y), ref, **tol)
 
 

@@ -8,8 +8,9 @@ import pytest
 from conftest import row_kinds
 from minisparse.errors import UsageError
 from minisparse.linear import SparseSpec, sparse_linear_backward, sparse_linear_forward, sparsify, zero_fraction
-from minisparse.nm import nm_mask, nm_nonzero
-from minisparse.topk import kept_count, topk_backward, topk_forward, topk_mask, topk_nonzero, topk_values
+from minisparse.fast.topk import topk_nonzero, topk_values
+from minisparse.nm import nm_mask
+from minisparse.topk import kept_count, topk_backward, topk_forward, topk_mask
 
 
 def reference_topk_mask(x, k):
@@ -34,7 +35,8 @@ def test_topk_mask_equals_independent_topk(k):
 
 @pytest.mark.parametrize("k", [0, 1, 5, 12, 23, 24])
 def test_topk_values_equal_x_times_the_exact_mask(k):
-    """The training path's shortcut (no tie-broken mask) gives exactly x * mask, ties included."""
+    """fast.topk.topk_values, the training path's shortcut (no tie-broken mask), gives exactly
+    x * mask, ties included."""
     rng = np.random.default_rng(100 + k)
     for kind, x in row_kinds(rng):
         want = x * reference_topk_mask(x, k)
@@ -46,7 +48,8 @@ def test_topk_values_equal_x_times_the_exact_mask(k):
 
 @pytest.mark.parametrize("k", [0, 1, 5, 12, 23, 24])
 def test_topk_nonzero_are_the_nonzero_kept_positions(k):
-    """The decode path's selection: exactly the positions where x * mask is nonzero, ascending."""
+    """fast.topk.topk_nonzero, the decode path's selection: exactly the positions where x * mask is
+    nonzero, ascending."""
     rng = np.random.default_rng(200 + k)
     for kind, x in row_kinds(rng):
         for row in x:
@@ -119,7 +122,7 @@ def test_nm_nonzero_are_the_nonzero_kept_positions(keep, block):
     for kind, x in row_kinds(rng, N=6, D=64):
         for row in x:
             want = np.flatnonzero(row * reference_topk_mask(row.reshape(64 // block, block), keep).reshape(64))
-            got = nm_nonzero(row, keep, block)
+            got = topk_nonzero(row, keep, block)
             np.testing.assert_array_equal(got, want, err_msg=kind)
             assert got.dtype.kind == "i"
             assert np.bincount(got // block, minlength=64 // block).max(initial=0) <= keep

@@ -1,0 +1,91 @@
+"""Row-sparse decoding: the weights of the sparsified projections stored input-major, and the
+products that read only the rows a token selected.
+
+    DecodeWeights(params, cfg, method).project(l, site, x, spec)
+    equals sparse_linear_forward(x, [W_i], spec)[0] up to float32 rounding (tests/test_rowsparse.py)
+
+Each token's input x (D,) is sparsified, and y = xs[idx] @ Wt[idx] reads only the rows idx where
+xs is nonzero (rowsparse.py). method "gather" runs rowsparse.py's reference; the others
+fast/rowsparse.py's kernels; "auto" takes the row-sparse product only where fast.rowsparse.auto_method
+says it pays, and leaves the other projections to the masked product (decode.py).
+"""
+
+import contextlib
+
+import numpy as np
+
+from .. import rowsparse
+from ..backend import array_module
+from ..model import SITE_WEIGHTS
+from . import rowsparse as fast_rowsparse
+
+
+class DecodeWeights:
+    """Input-major copies Wt (D, sum O_i) of the projections to decode row-sparse, and the method.
+
+    A copy: it doubles those weights' memory while decoding. max_rows: calls with more tokens
+    than this (a prefill) take the masked product. min_weights: auto_method's threshold."""
+
+    def __init__(self, params, cfg, method="auto", max_rows=4, min_weights=fast_rowsparse.AUTO_MIN_WEIGHTS):
+        xp = array_module(params["wte"])
+        self.max_rows = max_rows
+        self.method = method
+        self.wt = {}                           # (layer, site) -> (Wt, [O_i]); absent: the masked product
+        for l in range(cfg.n_layer):
+            for site, names in SITE_WEIGHTS.items():
+                Ws = [params[f"h.{l}.{n}"] for n in names]
+                if method == "auto":
+                    chosen = fast_rowsparse.auto_method(xp, Ws[0].shape[1] * sum(W.shape[0] for W in Ws),
+                                                        min_weights)
+                    if chosen is None:
+                        continue               # the masked product is as fast or faster here
+                    self.method = chosen
+                self.wt[l, site] = (rowsparse.input_major(Ws), [W.shape[0] for W in Ws])
+        self._warm_up(xp)
+
+    def _warm_up(self, xp):
+        """Compile the kernels now, not in the first token, so that a decode's time is the decode's:
+        CUDA once per input width D (NVRTC compiles each), numba once (its first call loads the
+        compiled kernel from its cache and starts its threads)."""
+        warm = list({wt.shape[0]: wt for wt, _ in self.wt.values()}.values())   # one Wt per input width
+        if xp is np:
+            warm = warm[:1] if self.method == "numba" else []
+        for wt in warm:
+            fast_rowsparse.topk_rows_matvec(xp.zeros(wt.shape[0], dtype=wt.dtype), 1, wt, self.method)
+
+    def quiet(self):
+        """The context to decode in: BLAS on one thread while numba's kernel runs (fast/rowsparse.py)."""
+        if not self.wt or array_module(next(iter(self.wt.values()))[0]) is not np:
+            return contextlib.nullcontext()
+        return fast_rowsparse.quiet_blas(self.method)
+
+    def select(self, row, spec, wt):
+        """One token's input row (D,) -> y (sum O_i,), rows read."""
+        if self.method == "gather":            # the reference (rowsparse.py)
+            if spec.nm is None:
+                return rowsparse.topk_rows_matvec(row, spec.kept(row.shape[0]), wt)
+            return rowsparse.nm_rows_matvec(row, spec.nm[0], spec.nm[1], wt)
+        if spec.nm is None:
+            return fast_rowsparse.topk_rows_matvec(row, spec.kept(row.shape[0]), wt, self.method)
+        return fast_rowsparse.nm_rows_matvec(row, spec.nm[0], spec.nm[1], wt, self.method)
+
+    def project(self, l, site, x, spec):
+        """x (B, T, D) -> ([y_i (B, T, O_i)], rows read): each token reads only its selected rows.
+        The count is an int, or on the GPU a device scalar (reading it would sync)."""
+        wt, sizes = self.wt[l, site]
+        B, T, D = x.shape
+        xs = x.reshape(B * T, D)                                        # (N, D)
+        if B * T == 1:                         # one token, the usual decode step: no copy, no sum
+            y, read = self.select(xs[0], spec, wt)
+            y = y[None]
+        else:                                  # each token its own rows (GPU: no sync for top-K)
+            y = array_module(x).empty((B * T, wt.shape[1]), dtype=x.dtype)
+            read = 0
+            for n in range(B * T):
+                y[n], r = self.select(xs[n], spec, wt)
+                read = read + r
+        ys, start = [], 0
+        for O in sizes:
+            ys.append(y[:, start:start + O].reshape(B, T, O))
+            start += O
+        return ys, read
