@@ -48,8 +48,9 @@ def build_parser():
                         "the CUDA kernels), or 'masked', the dense product of the masked input, as in training. "
                         "auto: the row-sparse kernel where it pays (minisparse/fast/rowsparse.py, auto_method)")
     p.add_argument("--reference", action="store_true",
-                   help="run the readable reference ops and the reference row-sparse product (--kernel gather "
-                        "unless given), none of minisparse/fast/: to step through a decode step in a debugger")
+                   help="run the readable reference ops and the masked product (unless --kernel is given; "
+                        "'gather' is the reference row-sparse product), none of minisparse/fast/: to step "
+                        "through a decode step in a debugger")
     return p
 
 
@@ -84,7 +85,7 @@ def run(args):
                          "--kernel auto uses it when it is there and NumPy otherwise.")
     kernel = args.kernel
     if args.reference and kernel == "auto":
-        kernel = "gather"
+        kernel = "masked"
     fast = None if spec.dense or kernel == "masked" else DecodeWeights(params, cfg, kernel)
     t0 = time.perf_counter()
     out = generate(params, cfg, prompt, args.max_new_tokens, args.temperature, args.top_k or None,

@@ -326,6 +326,42 @@ def test_generate_kernels_give_the_same_greedy_text(kernel, sparse_run, capsys):
     assert "measured sparsity per site: qkv 0.50" in err
 
 
+def _no_fast_paths(monkeypatch):
+    """Make every fast op and the thread split raise: a run that still works used none of them."""
+    def boom(*a, **k):
+        raise AssertionError("a fast path ran under --reference")
+    for name in ("topk.sparsify", "topk.topk_nonzero", "rope.rotate", "norm.rmsnorm_forward",
+                 "norm.rmsnorm_backward", "embedding.embedding_backward", "parallel.forward_backward",
+                 "rowsparse.topk_rows_matvec", "rowsparse.nm_rows_matvec", "runtime.retain_freed_memory"):
+        monkeypatch.setattr(f"minisparse.fast.{name}", boom)
+    monkeypatch.setattr("minisparse.fast.FAST", None)
+    monkeypatch.setattr("minisparse.train.FAST", None)
+    monkeypatch.setattr("generate.FAST", None)
+    monkeypatch.setattr("generate.DecodeWeights", boom)
+
+
+def test_reference_runs_train_and_decode_on_the_readable_ops_alone(corpus, tmp_path, capsys, monkeypatch):
+    """--reference: a training run and a decode that touch nothing in minisparse/fast/, with the
+    losses of the fast path to float32 rounding."""
+    fast_dir, ref_dir = tmp_path / "fast", tmp_path / "ref"
+    assert call(train_tiny, tiny(corpus, fast_dir), capsys)[0] == 0
+    _no_fast_paths(monkeypatch)
+    rc, out, err = call(train_tiny, tiny(corpus, ref_dir, "--reference"), capsys)
+    assert rc == 0, err
+    (steps_f, evals_f), (steps_r, evals_r) = losses(fast_dir), losses(ref_dir)
+    assert len(steps_r) == len(steps_f) == 8
+    for a, b in zip(steps_f + evals_f, steps_r + evals_r):
+        assert a[0] == b[0] and a[1] == pytest.approx(b[1], abs=1e-4), (a, b)
+    rc, out, err = call(generate, ["--out_dir", ref_dir, "--prompt", "the ", "--max_new_tokens", 20,
+                                   "--temperature", 0, "--reference"], capsys)
+    assert rc == 0, err
+    assert out.startswith("the ") and "measured sparsity per site: qkv 0.50" in err
+    monkeypatch.undo()
+    rc, fast_out, _ = call(generate, ["--out_dir", ref_dir, "--prompt", "the ", "--max_new_tokens", 20,
+                                      "--temperature", 0], capsys)
+    assert rc == 0 and fast_out == out                               # greedy text: the same tokens
+
+
 def test_generate_numba_kernel_without_numba_is_one_sentence(sparse_run, capsys, monkeypatch):
     monkeypatch.setattr(fast_rowsparse, "numba", None)
     rc, _, err = call(generate, ["--out_dir", sparse_run, "--prompt", "the", "--kernel", "numba"], capsys)
