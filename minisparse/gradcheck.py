@@ -2,6 +2,9 @@
 
     df/dx[i] ~ (f(x + h e_i) - f(x - h e_i)) / (2 h),   h = 1e-6, error O(h^2)
 
+plus rounding, about eps * |f| / h: on the tests' shapes relative errors of 2e-11 to 3.4e-9 per
+layer and up to 1.0e-7 for the whole model, from which tests/test_grad.py sets its tolerances.
+
 rel_error(a, b) = max|a - b| / max(max|a|, max|b|): one number per tensor, so a tiny
 entry next to large ones does not dominate, and a wrong sign or factor anywhere shows.
 """

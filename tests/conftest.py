@@ -5,6 +5,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,6 +32,28 @@ def row_kinds(rng, N=12, D=24):
     row = rng.standard_normal(D)
     yield "identical", np.tile(row, (N, 1))
     yield "constant", np.repeat(rng.standard_normal((N, 1)), D, axis=1)
+
+
+def torch_required():
+    """True in CI (CI set to anything but '', '0' or 'false') or where MINISPARSE_REQUIRE_TORCH=1."""
+    ci = os.environ.get("CI", "").strip().lower() not in ("", "0", "false")
+    return ci or os.environ.get("MINISPARSE_REQUIRE_TORCH", "").strip() == "1"
+
+
+def import_torch(module):
+    """torch, for the top of the test module named `module` (its __name__). Without torch: in CI
+    (torch_required()) the run fails with one sentence, since a skipped reference would let CI pass
+    without checking anything; elsewhere the module is skipped with a reason that says so."""
+    try:
+        import torch
+        return torch
+    except ImportError:
+        pass
+    if torch_required():
+        pytest.fail("torch is required in CI (CI or MINISPARSE_REQUIRE_TORCH=1 is set) as the independent "
+                    "float64 reference: pip install torch==2.13.0", pytrace=False)
+    pytest.skip(f"{module} skipped: torch is not installed, so the independent float64 reference is not "
+                "checked here (CI requires it): pip install torch==2.13.0", allow_module_level=True)
 
 
 def record(name, err):

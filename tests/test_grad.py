@@ -1,6 +1,6 @@
 """Every smooth backward against centred finite differences in float64, with a random upstream
 gradient (never all ones): the loss is sum(out * G) for a fixed random G. Relative error
-max|a - b| / max(|a|, |b|) must be <= 1e-6."""
+max|a - b| / max(|a|, |b|) must be <= 1e-7 per layer and <= 1e-6 for the whole model."""
 
 import numpy as np
 import pytest
@@ -18,11 +18,19 @@ from minisparse.relu2 import relu2glu_backward, relu2glu_forward
 from minisparse.rope import rope_backward, rope_forward
 from minisparse.swiglu import swiglu_backward, swiglu_forward
 
-TOL = 1e-6
+# Why these values: centred differences with h = 1e-6 in float64 measure relative errors of 2e-11 to
+# 3.4e-9 on the layer checks below, and 2.5e-9 to 1.0e-7 on the whole model (90 runs with all the
+# seeds shifted; the fixed seeds here give at most 2.1e-9 and 3.4e-8). TOL is 10x the worst layer
+# error rounded up to a power of ten (29x margin). In the whole model every tensor gets the same
+# absolute rounding noise, about eps * |loss| / h ~ 4e-10, and the worst are those of small gradients
+# (the query and key weights, max |grad| ~ 0.02 against ~1 for the embedding): TOL_MODEL leaves 10x.
+TOL = 1e-7
+TOL_MODEL = 1e-6
 
 
-def check(name, forward, backward, inputs, seed=0):
-    """forward(*inputs) -> (out or tuple of outs, cache); backward(douts, cache) -> grads of inputs."""
+def check(name, forward, backward, inputs, seed=0, recorded=True):
+    """forward(*inputs) -> (out or tuple of outs, cache); backward(douts, cache) -> grads of inputs.
+    recorded=False keeps the errors out of the end-of-run summary (for a backward made wrong on purpose)."""
     rng = np.random.default_rng(seed)
     outs, cache = forward(*inputs)
     single = not isinstance(outs, (tuple, list))
@@ -42,7 +50,8 @@ def check(name, forward, backward, inputs, seed=0):
         assert np.array_equal(a, b)
     for i, (x, dx) in enumerate(zip(inputs, grads)):
         err = rel_error(dx, numerical_grad(f, x))
-        record(f"{name} input {i}", err)
+        if recorded:
+            record(f"{name} input {i}", err)
         assert err <= TOL, f"{name}: input {i} relative error {err:.2e}"
 
 
@@ -50,6 +59,18 @@ def test_rmsnorm():
     rng = np.random.default_rng(1)
     x, g = rng.standard_normal((2, 3, 8)), rng.standard_normal(8)
     check("rmsnorm", lambda x, g: rmsnorm_forward(x, g, 1e-5), rmsnorm_backward, [x, g])
+
+
+def test_check_rejects_a_gradient_off_by_3e_7():
+    """TOL must catch errors far below the old 1e-6: a backward 3e-7 off (relative) fails the check."""
+    rng = np.random.default_rng(1)
+    x, g = rng.standard_normal((2, 3, 8)), rng.standard_normal(8)
+
+    def off_backward(d, cache):
+        dx, dg = rmsnorm_backward(d, cache)
+        return dx * (1 + 3e-7), dg
+    with pytest.raises(AssertionError, match="input 0 relative error 3.0"):
+        check("rmsnorm 3e-7 off", lambda x, g: rmsnorm_forward(x, g, 1e-5), off_backward, [x, g], recorded=False)
 
 
 def test_rope():
@@ -138,7 +159,7 @@ def test_whole_model_at_sparsity_0(activation, extra):
     for name in params:
         err = rel_error(grads[name], numerical_grad(f, params[name]))
         record(f"model {activation}{' gqa/tied/pairs' if extra else ''} S=0", err)
-        assert err <= TOL, f"{name}: relative error {err:.2e}"
+        assert err <= TOL_MODEL, f"{name}: relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("extra, needle", [(dict(n_kv_head=3), "n_kv_head=3"), (dict(n_kv_head=-1), "n_kv_head=-1"),
@@ -158,13 +179,12 @@ def test_gqa_and_tied_shapes_and_counts():
 
 
 # ----------------------------------------------------------------------------------------
-# the faster paths equal the readable formulas they replace
+# RoPE against the textbook formula (the fast paths are held to these functions in test_fast.py)
 
 
 def test_rope_half_is_the_half_split_formula_exactly():
-    """rotate() computes layout 'half' over the whole vector at once (a reversed view of x);
-    it must give exactly the textbook y1 = x1 cos - x2 sin, y2 = x1 sin + x2 cos, forward
-    and backward, on the transposed (non-contiguous) layout the model passes it."""
+    """rope_forward gives exactly the textbook y1 = x1 cos - x2 sin, y2 = x1 sin + x2 cos, and its
+    backward the inverse rotation, on the transposed (non-contiguous) layout the model passes it."""
     from minisparse.rope import rope_tables
     x = np.random.default_rng(3).standard_normal((2, 6, 3, 8)).transpose(0, 2, 1, 3)   # (B, H, T, hs)
     y, cache = rope_forward(x, 500.0, offset=2)
@@ -174,18 +194,3 @@ def test_rope_half_is_the_half_split_formula_exactly():
     d1, d2 = y[..., :4], y[..., 4:]
     assert np.array_equal(rope_backward(y, cache), np.concatenate([d1 * cos + d2 * sin, -d1 * sin + d2 * cos], axis=-1))
     np.testing.assert_allclose(rope_backward(y, cache), x, atol=1e-13)       # the inverse rotation
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_embedding_backward_equals_add_at(dtype):
-    """The sort-and-reduceat scatter equals NumPy's add.at, with heavy repeats and unused rows."""
-    rng = np.random.default_rng(11)
-    for V, shape in [(96, (12, 64)), (5, (10, 4)), (1000, (1, 7)), (3, (1, 1))]:
-        idx = rng.integers(0, V, shape)
-        dx = rng.standard_normal(shape + (16,)).astype(dtype)
-        ref = np.zeros((V, 16), dtype)
-        np.add.at(ref, idx.reshape(-1), dx.reshape(-1, 16))
-        got = embedding_backward(dx, (idx, (V, 16)))
-        assert got.dtype == dtype
-        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 if dtype == np.float32 else 1e-12)
-        assert np.array_equal(got == 0, ref == 0)                 # unused tokens get exact zeros

