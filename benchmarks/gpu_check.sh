@@ -2,7 +2,7 @@
 # The GPU checks and benchmarks, as one script for a machine with CUDA, CuPy and PyTorch:
 #   bash benchmarks/gpu_check.sh [LOGDIR]
 # 1. the tests that run CuPy (model forward/backward on CuPy against NumPy in float64, the
-#    rowsparse.cu kernels against the NumPy reference, a GPU decode against the masked product);
+#    fast/rowsparse.cu kernels against the NumPy reference, a GPU decode against the masked product);
 # 2. benchmarks/decode_speed.py --device gpu and gpu_select_breakdown.py (where the decode's time goes);
 # 3. benchmarks/train_speed.py --device gpu.
 # The rest of the suite is CPU code that CI runs.

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The runs behind the README's tables: the default run, dense vs Q-Sparse at equal steps,
 # and continue-training a dense SwiGLU model into Q-Sparse (paper Sec. 4.3, tiny scale).
-# Each run's last line ("done: ...") carries its validation loss and wall time.
-# Usage: bash experiments/readme_runs.sh [LOGDIR]   (about 30 minutes on a 2-core CPU)
+# Each run's log LOGDIR/NAME.out holds its evaluations and its last line ("done: ...") with the
+# validation loss and wall time; LOGDIR/machine.txt says where and on which commit they ran.
+# Usage: bash experiments/readme_runs.sh [LOGDIR]      (the README's logs: experiments/logs/readme)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-LOG=${1:-experiments/logs}
+LOG=${1:-experiments/logs/readme}
 mkdir -p "$LOG"
+{ echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"; echo "date: $(date -u +%Y-%m-%d)"
+  python -c "from benchmarks.machine import describe; print('machine:', describe())"; } > "$LOG/machine.txt"
 run() { name=$1; shift; echo "== $name: python train_tiny.py $*"; python train_tiny.py "$@" 2> "$LOG/$name.err" | tee "$LOG/$name.out" | tail -1; }
 
 run default        --out_dir out-tiny                       # sparsity 0.5, the README's main job

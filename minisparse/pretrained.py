@@ -13,7 +13,7 @@ GGUF (llama.cpp's format) holds the weights, possibly quantized, and the tokeniz
 A tensor's shape is listed innermost first, so [in, out] is a row-major (out, in) matrix:
 our own (O, C) layout. `gguf.quants.dequantize` turns Q4_1 / Q8_0 blocks into float32.
 llama.cpp's converter reorders the rows of q and k for a rotary embedding on *adjacent*
-channel pairs, so the model runs with rope_layout="pairs" (QSPARSE.md Sec. 9; the
+channel pairs, so the model runs with rope_layout="pairs" (docs/qsparse.md, Sec. 9; the
 Hugging Face "half" layout with these weights runs, but predicts badly: tests/test_pretrained.py).
 
 The tokenizer (byte-level BPE) is rebuilt from `tokenizer.ggml.tokens` and `.merges` with the

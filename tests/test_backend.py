@@ -12,6 +12,7 @@ import pytest
 
 from conftest import has_gpu
 from minisparse import backend, model
+from minisparse.fast import FAST
 from minisparse.errors import UsageError
 from minisparse.optimizer import AdamW
 
@@ -75,17 +76,19 @@ def test_training_steps_are_bit_for_bit_repeatable():
 @pytest.mark.parametrize("sparsity,nm,extra", [
     (0.0, None, {}), (0.5, None, {}), (0.0, (2, 4), {}),
     (0.5, None, dict(n_head=4, n_kv_head=2, tie_embeddings=True, rope_layout="pairs", activation="swiglu"))])
+@pytest.mark.parametrize("ops", [model.REFERENCE, FAST], ids=lambda o: o.name)
 @pytest.mark.skipif(not has_gpu(), reason="needs CuPy and a CUDA device")
-def test_cupy_matches_numpy(sparsity, nm, extra):
+def test_cupy_matches_numpy(sparsity, nm, extra, ops):
+    """The reference ops and the fast ops, each on CuPy against the same ops on NumPy."""
     import cupy
     shape = dict(vocab_size=17, block_size=8, n_layer=2, n_head=2, n_embd=16)
     cfg = model.GPTConfig(**{**shape, **extra}, sparsity=sparsity, nm=nm)
     params = model.init_params(cfg, seed=1, dtype=np.float64)           # NumPy (the default device)
     idx = np.random.default_rng(2).integers(0, 17, (3, 9))
-    logits, loss, caches = model.forward(params, cfg, idx[:, :-1], idx[:, 1:])
+    logits, loss, caches = model.forward(params, cfg, idx[:, :-1], idx[:, 1:], ops)
     grads = model.backward(params, cfg, caches)
     gparams = {k: cupy.asarray(v) for k, v in params.items()}
-    glogits, gloss, gcaches = model.forward(gparams, cfg, cupy.asarray(idx[:, :-1]), cupy.asarray(idx[:, 1:]))
+    glogits, gloss, gcaches = model.forward(gparams, cfg, cupy.asarray(idx[:, :-1]), cupy.asarray(idx[:, 1:]), ops)
     ggrads = model.backward(gparams, cfg, gcaches)
     np.testing.assert_allclose(cupy.asnumpy(glogits), logits, rtol=1e-10, atol=1e-12)
     assert float(gloss) == pytest.approx(float(loss), rel=1e-12)

@@ -270,7 +270,7 @@ def test_cuda_topk_rows_matvec_equals_reference(D, O, k):
 @pytest.mark.parametrize("activation,nm", [("relu2", None), ("swiglu", None), ("relu2", (2, 4))])
 def test_cuda_decode_with_rowsparse_weights_equals_masked_product(activation, nm):
     """A float32 decode on the GPU with DecodeWeights (top-K: selection and product on the device;
-    N:M: nm_nonzero, then the product kernel) gives the logits and the counted zeros of the masked
+    N:M: fast.topk.topk_nonzero per block, then the product kernel) gives the logits and the counted zeros of the masked
     dense product."""
     import cupy
     cfg = model.GPTConfig(vocab_size=29, block_size=12, n_layer=2, n_head=4, n_kv_head=2, n_embd=128,
