@@ -4,7 +4,7 @@ Flags are named as in nanoGPT and are the fields of minisparse.model.GPTConfig a
 minisparse.train.TrainConfig, one to one, with their help (minisparse/flags.py);
 `--key value` and `--key=value` both work. `python train_tiny.py --help` lists them all.
 Examples:
-    python train_tiny.py                                   # Q-Sparse at 50%, a few minutes on 2 cores
+    python train_tiny.py                                   # Q-Sparse at 50%, the README's main job
     python train_tiny.py --sparsity 0 --out_dir out-dense  # the dense baseline
     python train_tiny.py --nm 16:32                        # Block Q-Sparse, 16 kept of every 32
     python train_tiny.py --resume                          # continue an interrupted run

@@ -1,6 +1,6 @@
 """The scaling-law sweep: a grid of tiny models (sizes x sparsities), equal tokens for every run.
 
-    python experiments/scaling_sweep.py                 # the committed grid, about an hour on 2 cores
+    python experiments/scaling_sweep.py                 # the committed grid (sweep.csv: seconds per run)
     python experiments/scaling_sweep.py --plot          # fit the law to the CSV and draw the figure
 
 Each run trains with minisparse.train (the loop behind train_tiny.py) in OUT/RUN_NAME and,

@@ -9,7 +9,7 @@
 3. The measured input sparsity per projection site, laid out like the paper's Table 2.
 4. Decode tokens/s at batch 1: dense (`--sparsity 0`) against 50% top-K with the row-sparse kernel.
 
-The continue-training runs (about 26 minutes each on a 2-core CPU, two at once, one BLAS thread each):
+The continue-training runs (results.md gives their minutes; two at once, one BLAS thread each):
     python train_tiny.py --init_from smollm2 --sparsity S --out_dir out-smollm2-sS --max_iters 180 \\
         --eval_interval 60 --eval_iters 4 --batch_size 4 --block_size 128 \\
         --learning_rate 2e-5 --min_lr 2e-6 --warmup_iters 10          (S = 0, 0.4 and 0.5)
