@@ -19,7 +19,6 @@ from minisparse.fast import FAST
 from minisparse.fast import rowsparse as fast_rowsparse
 from minisparse.fast.decode import DecodeWeights
 from minisparse.errors import UsageError
-from minisparse.linear import SparseSpec
 from minisparse.sampling import generate
 from minisparse.train import load_run
 
@@ -74,7 +73,7 @@ def run(args):
     spec = cfg.spec
     if args.sparsity is not None:
         model.GPTConfig(**{**cfg.to_dict(), "sparsity": args.sparsity, "nm": None})   # validates the value
-        spec = SparseSpec(args.sparsity, None, cfg.ste)
+        spec = cfg.spec_at(args.sparsity)
     run_cfg = model.GPTConfig(**{**cfg.to_dict(), "sparsity": spec.sparsity, "nm": spec.nm})
     text = pretrained.chat_prompt(args.prompt) if template and not args.raw else args.prompt
     ids = tok.encode(text)

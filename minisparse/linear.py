@@ -11,6 +11,14 @@ sparsified once and every weight sees the same xs. Backward:
     dx   = dxs            straight-through estimator (Eq. 13)
     dx   = dxs * Mask     with ste=False, the masked-gradient ablation (Eq. 12)
 
+1.58-bit Q-Sparse (Eq. 4-10, quant.py) runs the same lines on quantized operands: with a_bits=8
+the kept inputs are quantized to INT8 per token, xs <- Q(xs), after the selection (the largest
+|x| is always kept, so gamma is the same as for Q(x) * Mask, and the selection sees no ties
+made by rounding); with w_bits=1.58 every weight is ternarized, W_i <- Q_w(W_i), and the
+product and the backward use Q_w(W_i). Rounding passes the gradient straight through, so
+the backward above is unchanged: dW_i is the latent weight's gradient, and dx flows through
+Q(xs) to xs as if it were the identity.
+
 Sparsity 0 and no N:M means dense: no mask is made and x is used as it is.
 The spec also reports what the paper's Table 2 measures: the fraction of zeros that
 actually reached the projection (top-K zeros plus any zeros already in x, e.g. ReLU2's).
@@ -19,16 +27,21 @@ actually reached the projection (top-K zeros plus any zeros already in x, e.g. R
 from dataclasses import dataclass
 
 from .backend import array_module
+from .errors import UsageError
 from .nm import nm_forward
+from .quant import BITS, activation_quant_forward, weight_quant_forward
 from .topk import kept_count, topk_backward, topk_forward
 
 
 @dataclass(frozen=True)
 class SparseSpec:
-    """How a projection input is sparsified: top-K at `sparsity`, or N:M with nm=(keep, block)."""
+    """How a projection computes: its input sparsified by top-K at `sparsity` or N:M with
+    nm=(keep, block), and the precision of its input (a_bits) and weights (w_bits)."""
     sparsity: float = 0.0      # fraction of the C inputs zeroed per token; 0 = dense
     nm: tuple = None           # (keep, block) for Block Q-Sparse; overrides sparsity
     ste: bool = True           # straight-through gradient (True) or masked gradient (False)
+    a_bits: int = 16           # 16: full precision; 8: INT8 absmax per token (quant.py)
+    w_bits: float = 16         # 16: full precision; 1.58: ternary absmean per tensor (quant.py)
 
     @property
     def dense(self):
@@ -48,12 +61,35 @@ def sparsify(x, spec):
     return topk_forward(x, kept_count(x.shape[-1], spec.sparsity))
 
 
+def check_bits(a_bits, w_bits):
+    """Raise UsageError unless the precisions are ones a projection can run in (quant.BITS)."""
+    for name, value in (("a_bits", a_bits), ("w_bits", w_bits)):
+        if value not in BITS[name]:
+            raise UsageError(f"{name}={value!r} is not allowed: use {' or '.join(map(str, BITS[name]))}.")
+
+
+def quantized_input(x, spec, sparsify=sparsify):
+    """xs, mask: x sparsified, then quantized to INT8 per token if spec.a_bits == 8."""
+    xs, mask = sparsify(x, spec)
+    if spec.a_bits == 8:
+        xs = activation_quant_forward(xs)[0]                    # after the selection (see above)
+    return xs, mask
+
+
+def quantized_weights(weights, spec):
+    """[W_i], each ternarized (per tensor) if spec.w_bits == 1.58; the latent W_i are not changed."""
+    if spec.w_bits == 1.58:
+        return [weight_quant_forward(W)[0] for W in weights]
+    return list(weights)
+
+
 def sparse_linear_forward(x, weights, spec=SparseSpec(), sparsify=sparsify):
     """x (B, T, C), weights [W_i (O_i, C)] -> ([y_i (B, T, O_i)], cache).
 
     sparsify: this module's `sparsify`, or a faster function equal to it (model.Ops)."""
     B, T, C = x.shape
-    xs, mask = sparsify(x, spec)                                # (B, T, C)
+    xs, mask = quantized_input(x, spec, sparsify)               # (B, T, C)
+    weights = quantized_weights(weights, spec)                  # what the product multiplies
     xs2 = xs.reshape(B * T, C)                                  # (N, C): one BLAS call per weight
     ys = [(xs2 @ W.T).reshape(B, T, W.shape[0]) for W in weights]
     cache = (xs2, mask, weights, spec)
@@ -78,5 +114,5 @@ def sparse_linear_backward(dys, cache):
         dW.append(dy2.T @ xs2)                                  # y = xs W^T  ->  dW = dy^T xs
         d = dy2 @ W                                             #             ->  dxs = dy W
         dxs2 = d if dxs2 is None else dxs2 + d
-    dxs = dxs2.reshape(dys[0].shape[:-1] + (C,))                # (B, T, C)
-    return topk_backward(dxs, mask, spec.ste), dW
+    dxs = dxs2.reshape(dys[0].shape[:-1] + (C,))                # (B, T, C); through Q(xs) by the STE
+    return topk_backward(dxs, mask, spec.ste), dW               # dW: Q_w(W)'s gradient is W's (STE)

@@ -50,7 +50,7 @@ from .attention import attention_backward, attention_forward
 from .embedding import embedding_backward, embedding_forward
 from .errors import UsageError
 from .flags import option, parse_nm
-from .linear import SparseSpec, sparse_linear_backward, sparse_linear_forward, sparsify, zero_fraction
+from .linear import SparseSpec, check_bits, sparse_linear_backward, sparse_linear_forward, sparsify, zero_fraction
 from .loss import cross_entropy_backward, cross_entropy_forward
 from .nm import check_nm
 from .norm import rmsnorm_backward, rmsnorm_forward
@@ -84,6 +84,10 @@ class GPTConfig:
                              "(overrides --sparsity)", parse=parse_nm)
     ste: bool = option(True, "straight-through gradient (Eq. 13); --no_ste is the masked-gradient "
                              "ablation (Eq. 12)")
+    a_bits: int = option(16, "precision of every projection input: 16 (full) or 8 (INT8 absmax per token, "
+                             "Eq. 5-6)")
+    w_bits: float = option(16, "precision of every projection weight: 16 (full) or 1.58 (BitNet b1.58 "
+                               "ternary, Eq. 8-10)")
     rope_base: float = option(10000.0, "rotary embedding base")
     norm_eps: float = option(1e-5, "RMSNorm epsilon")
     n_kv_head: int = option(0, "key/value heads, grouped-query attention (must divide n_head); 0 = n_head")
@@ -131,6 +135,7 @@ class GPTConfig:
                 raise UsageError(f"N:M sparsity keeps {self.nm[0]} of every {self.nm[1]} channels: "
                                  "a model must keep at least 1 (0 would zero every projection input).")
             check_nm(self.nm[0], self.nm[1], self.n_hidden)
+        check_bits(self.a_bits, self.w_bits)
         if not (isinstance(self.rope_base, (int, float)) and self.rope_base > 0):
             raise UsageError(f"rope_base={self.rope_base!r} is not allowed: it must be > 0.")
         if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
@@ -138,7 +143,12 @@ class GPTConfig:
 
     @property
     def spec(self):
-        return SparseSpec(self.sparsity, self.nm, self.ste)
+        return SparseSpec(self.sparsity, self.nm, self.ste, self.a_bits, self.w_bits)
+
+    def spec_at(self, sparsity, nm=None):
+        """This model's spec at another sparsity (0: the dense fallback), in the precision it was
+        trained in."""
+        return SparseSpec(sparsity, nm, self.ste, self.a_bits, self.w_bits)
 
     @property
     def overall_sparsity(self):

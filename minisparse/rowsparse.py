@@ -18,8 +18,7 @@ rows before the product. minisparse/fast/rowsparse.py has the kernels that read 
 """
 
 from .backend import array_module
-from .nm import nm_forward
-from .topk import topk_forward
+from .linear import quantized_input
 
 
 def input_major(weights):
@@ -33,17 +32,10 @@ def rows_matvec(vals, idx, Wt):
     return vals @ Wt[idx]
 
 
-def topk_rows_matvec(x, k, Wt):
-    """One token x (D,): y = xs @ Wt with xs = topk_forward(x, k), reading only the rows where xs != 0.
+def sparse_rows_matvec(x, spec, Wt):
+    """One token x (D,): y = xs @ Wt with xs = linear.quantized_input(x, spec), its top-K or N:M
+    (INT8 too where spec.a_bits = 8), reading only the rows where xs != 0.
     Returns y (O,) and how many rows were read."""
-    xs = topk_forward(x[None], k)[0][0]                          # (D,)
+    xs = quantized_input(x[None], spec)[0][0]                    # (D,)
     idx = array_module(x).flatnonzero(xs)                        # (<= K,) ascending
-    return rows_matvec(xs[idx], idx, Wt), int(idx.shape[0])
-
-
-def nm_rows_matvec(x, keep, block, Wt):
-    """Block Q-Sparse's topk_rows_matvec: xs = nm_forward(x, keep, block), at most `keep` rows of
-    every `block`. Returns y (O,) and how many rows were read."""
-    xs = nm_forward(x[None], keep, block)[0][0]                  # (D,)
-    idx = array_module(x).flatnonzero(xs)
     return rows_matvec(xs[idx], idx, Wt), int(idx.shape[0])

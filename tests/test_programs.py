@@ -362,6 +362,23 @@ def test_reference_runs_train_and_decode_on_the_readable_ops_alone(corpus, tmp_p
     assert rc == 0 and fast_out == out                               # greedy text: the same tokens
 
 
+def test_158_bit_run_trains_records_its_precision_and_decodes(corpus, tmp_path, capsys):
+    d = tmp_path / "b158"
+    rc, out, err = call(train_tiny, tiny(corpus, d, "--w_bits", 1.58, "--a_bits", 8, "--learning_rate", 1e-2), capsys)
+    assert rc == 0, err
+    meta = load_checkpoint(ckpt(d))[2]
+    assert (meta["model"]["w_bits"], meta["model"]["a_bits"]) == (1.58, 8)
+    evals = losses(d)[1]
+    assert evals[-1][2] < evals[0][2]                                   # it learns
+    for kernel in ("masked", "auto"):
+        rc, text, err = call(generate, ["--out_dir", d, "--prompt", "the ", "--max_new_tokens", 20,
+                                        "--temperature", 0, "--kernel", kernel], capsys)
+        assert rc == 0, err
+        assert text.startswith("the ") and "tokens/s" in err
+        greedy = text if kernel == "masked" else greedy
+    assert text == greedy                                               # both kernels, the same tokens
+
+
 def test_generate_numba_kernel_without_numba_is_one_sentence(sparse_run, capsys, monkeypatch):
     monkeypatch.setattr(fast_rowsparse, "numba", None)
     rc, _, err = call(generate, ["--out_dir", sparse_run, "--prompt", "the", "--kernel", "numba"], capsys)
@@ -431,6 +448,8 @@ SHORT_TRAIN = "abcdefghij"     # 10 tokens: training 9
     (["--sparsity", "1.0"], ["sparsity 1.0", "[0, 1)"]),
     (["--sparsity", "-0.1"], ["sparsity -0.1", "[0, 1)"]),
     (["--n_embd", "8", "--sparsity", "0.95"], ["sparsity 0.95", "8 channels", "K = 0"]),
+    (["--w_bits", "2"], ["w_bits=2.0", "16 or 1.58"]),
+    (["--a_bits", "4"], ["a_bits=4", "16 or 8"]),
     (["--n_embd", "30", "--n_head", "4"], ["n_embd=30", "n_head=4", "divisible"]),
     (["--nm", "3:5"], ["block 5", "16"]),
     (["--nm", "20:16"], ["keep=20", "block=16"]),

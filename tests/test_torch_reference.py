@@ -70,6 +70,26 @@ def t_sparsify(x, cfg):
     return x * mask                                              # backward dx = dxs * mask
 
 
+def t_input(x, cfg):
+    """The projection input: sparsified, then (a_bits = 8) absmax INT8 per token, as BitNet's
+    activation_quant: s = 127 / (max|x| + eps), round(x s) clamped to [-128, 127], divided by s;
+    the rounding passes its gradient straight through."""
+    xs = t_sparsify(x, cfg)
+    if cfg.a_bits == 16:
+        return xs
+    s = 127.0 / (xs.detach().abs().amax(dim=-1, keepdim=True) + 1e-5)
+    return xs + ((xs * s).round().clamp(-128, 127) / s - xs).detach()
+
+
+def t_weight(W, cfg):
+    """The weight a projection multiplies: (w_bits = 1.58) BitNet's weight_quant, s = 1 / (mean|W| + eps),
+    round(W s) clamped to [-1, 1], divided by s; straight through."""
+    if cfg.w_bits == 16:
+        return W
+    s = 1.0 / (W.detach().abs().mean() + 1e-5)
+    return W + ((W * s).round().clamp(-1, 1) / s - W).detach()
+
+
 def t_rmsnorm(x, g, eps):
     return x / torch.sqrt((x * x).mean(dim=-1, keepdim=True) + eps) * g
 
@@ -111,22 +131,24 @@ def t_forward(P, cfg, idx, targets):
     x = P["wte"][idx]                                            # (B, T, C)
     for l in range(cfg.n_layer):
         p = f"h.{l}."
-        h = t_sparsify(t_rmsnorm(x, P[p + "attn_norm"], cfg.norm_eps), cfg)
-        q = heads(h @ P[p + "attn.wq"].T)
-        k = heads(h @ P[p + "attn.wk"].T, Hkv)
-        v = heads(h @ P[p + "attn.wv"].T, Hkv)
+        W = {n: t_weight(P[p + n], cfg) for n in ("attn.wq", "attn.wk", "attn.wv", "attn.wo",
+                                                  "ffn.w_up", "ffn.w_gate", "ffn.w_down")}
+        h = t_input(t_rmsnorm(x, P[p + "attn_norm"], cfg.norm_eps), cfg)
+        q = heads(h @ W["attn.wq"].T)
+        k = heads(h @ W["attn.wk"].T, Hkv)
+        v = heads(h @ W["attn.wv"].T, Hkv)
         q, k = t_rope(q, cfg.rope_base, cfg.rope_layout), t_rope(k, cfg.rope_base, cfg.rope_layout)
         # grouped-query attention: query head i uses key/value head i // (H / Hkv)
         k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
         a = t_attention(q, k, v).transpose(1, 2).reshape(Bn, Tn, C)
-        x = x + t_sparsify(a, cfg) @ P[p + "attn.wo"].T
-        h = t_sparsify(t_rmsnorm(x, P[p + "ffn_norm"], cfg.norm_eps), cfg)
-        up, gate = h @ P[p + "ffn.w_up"].T, h @ P[p + "ffn.w_gate"].T
+        x = x + t_input(a, cfg) @ W["attn.wo"].T
+        h = t_input(t_rmsnorm(x, P[p + "ffn_norm"], cfg.norm_eps), cfg)
+        up, gate = h @ W["ffn.w_up"].T, h @ W["ffn.w_gate"].T
         if cfg.activation == "relu2":
             m = up * torch.relu(gate) ** 2
         else:
             m = up * torch.nn.functional.silu(gate)
-        x = x + t_sparsify(m, cfg) @ P[p + "ffn.w_down"].T
+        x = x + t_input(m, cfg) @ W["ffn.w_down"].T
     head = P["wte"] if cfg.tie_embeddings else P["lm_head"]
     logits = t_rmsnorm(x, P["norm_f"], cfg.norm_eps) @ head.T   # (B, T, V)
     loss = torch.nn.functional.cross_entropy(logits.reshape(Bn * Tn, -1), targets.reshape(-1))
@@ -184,6 +206,14 @@ def test_topk_relu2():
 
 def test_nm_relu2():
     compare_model("nm 2:4 relu2", model.GPTConfig(**SMALL, sparsity=0.0, nm=(2, 4), activation="relu2"))
+
+
+@pytest.mark.parametrize("sparsity,nm,a_bits", [(0.5, None, 8), (0.0, None, 8), (0.0, (2, 4), 8), (0.5, None, 16)])
+def test_bitnet_158_qsparse(sparsity, nm, a_bits):
+    """1.58-bit Q-Sparse: ternary weights (absmean per tensor), INT8 inputs (absmax per token) after
+    top-K or N:M, the straight-through estimator through both roundings."""
+    cfg = model.GPTConfig(**SMALL, sparsity=sparsity, nm=nm, w_bits=1.58, a_bits=a_bits)
+    compare_model(f"1.58-bit a{a_bits} {sparsity} {nm}", cfg)
 
 
 def test_topk_swiglu():

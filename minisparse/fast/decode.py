@@ -4,8 +4,8 @@ products that read only the rows a token selected.
     DecodeWeights(params, cfg, method).project(l, site, x, spec)
     equals sparse_linear_forward(x, [W_i], spec)[0] up to float32 rounding (tests/test_rowsparse.py)
 
-Each token's input x (D,) is sparsified, and y = xs[idx] @ Wt[idx] reads only the rows idx where
-xs is nonzero (rowsparse.py). method "gather" runs rowsparse.py's reference; the others
+Each token's input x (D,) is sparsified (and quantized, for a 1.58-bit model), and
+y = xs[idx] @ Wt[idx] reads only the rows idx where xs is nonzero (rowsparse.py). method "gather" runs rowsparse.py's reference; the others
 fast/rowsparse.py's kernels; "auto" takes the row-sparse product only where fast.rowsparse.auto_method
 says it pays, and leaves the other projections to the masked product (decode.py).
 """
@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import rowsparse
 from ..backend import array_module
+from ..linear import quantized_input, quantized_weights
 from ..model import SITE_WEIGHTS
 from . import rowsparse as fast_rowsparse
 
@@ -33,7 +34,7 @@ class DecodeWeights:
         self.wt = {}                           # (layer, site) -> (Wt, [O_i]); absent: the masked product
         for l in range(cfg.n_layer):
             for site, names in SITE_WEIGHTS.items():
-                Ws = [params[f"h.{l}.{n}"] for n in names]
+                Ws = quantized_weights([params[f"h.{l}.{n}"] for n in names], cfg.spec)   # ternary if 1.58-bit
                 if method == "auto":
                     chosen = fast_rowsparse.auto_method(xp, Ws[0].shape[1] * sum(W.shape[0] for W in Ws),
                                                         min_weights)
@@ -62,9 +63,11 @@ class DecodeWeights:
     def select(self, row, spec, wt):
         """One token's input row (D,) -> y (sum O_i,), rows read."""
         if self.method == "gather":            # the reference (rowsparse.py)
-            if spec.nm is None:
-                return rowsparse.topk_rows_matvec(row, spec.kept(row.shape[0]), wt)
-            return rowsparse.nm_rows_matvec(row, spec.nm[0], spec.nm[1], wt)
+            return rowsparse.sparse_rows_matvec(row, spec, wt)
+        if spec.a_bits != 16:                  # INT8 inputs: the reference selection, then the kernel
+            xs = quantized_input(row[None], spec)[0][0]                # (D,) sparsified and quantized
+            idx = array_module(row).flatnonzero(xs)
+            return fast_rowsparse.rows_matvec(xs[idx], idx, wt, self.method), idx.shape[0]
         if spec.nm is None:
             return fast_rowsparse.topk_rows_matvec(row, spec.kept(row.shape[0]), wt, self.method)
         return fast_rowsparse.nm_rows_matvec(row, spec.nm[0], spec.nm[1], wt, self.method)

@@ -1,9 +1,9 @@
 """Fast row-sparse products: rowsparse.py's functions with kernels that read each selected row once.
 
     rows_matvec(vals, idx, Wt, method)        equals rowsparse.rows_matvec(vals, idx, Wt)
-    topk_rows_matvec(x, k, Wt, method)        equals rowsparse.topk_rows_matvec(x, k, Wt)
-    nm_rows_matvec(x, keep, block, Wt, method) equals rowsparse.nm_rows_matvec(x, keep, block, Wt)
-    up to float32 rounding (tests/test_rowsparse.py, on every method)
+    topk_rows_matvec(x, k, Wt, method)        equals rowsparse.sparse_rows_matvec(x, SparseSpec(S), Wt)
+    nm_rows_matvec(x, keep, block, Wt, method) equals rowsparse.sparse_rows_matvec(x, SparseSpec(nm=...), Wt)
+    up to float32 rounding (tests/test_rowsparse.py, on every method), with K = kept_count(D, S)
 
 The reference `vals @ Wt[idx]` copies the K selected rows to a new (K, O) array, then BLAS reads
 that copy again: twice the traffic plus an allocation. The methods:
@@ -220,7 +220,7 @@ def topk_rows_matvec_cuda(x, k, Wt, rows_per_block=0, unroll=8):
 
 
 def topk_rows_matvec(x, k, Wt, method="auto"):
-    """rowsparse.topk_rows_matvec by `method`: one token x (D,), y = xs @ Wt reading only the rows
+    """rowsparse.sparse_rows_matvec for top-K by `method`: one token x (D,), y = xs @ Wt reading only the rows
     where xs = topk_forward(x, k) is nonzero. Returns y (O,) and how many rows were read (an int;
     on the GPU a 0-d device array, not synchronized). The CPU selects with fast.topk.topk_nonzero;
     the GPU selects and multiplies on the device."""
@@ -232,7 +232,7 @@ def topk_rows_matvec(x, k, Wt, method="auto"):
 
 
 def nm_rows_matvec(x, keep, block, Wt, method="auto"):
-    """rowsparse.nm_rows_matvec by `method`: at most `keep` rows of every `block` are read. On the GPU
+    """rowsparse.sparse_rows_matvec for N:M by `method`: at most `keep` rows of every `block` are read. On the GPU
     the selection's nonzero() waits for the device (no N:M selection kernel yet)."""
     idx = topk_nonzero(x, keep, block)
     return rows_matvec(x[idx], idx, Wt, method), idx.shape[0]
