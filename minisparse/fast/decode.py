@@ -5,9 +5,11 @@ products that read only the rows a token selected.
     equals sparse_linear_forward(x, [W_i], spec)[0] up to float32 rounding (tests/test_rowsparse.py)
 
 Each token's input x (D,) is sparsified (and quantized, for a 1.58-bit model), and
-y = xs[idx] @ Wt[idx] reads only the rows idx where xs is nonzero (rowsparse.py). method "gather" runs rowsparse.py's reference; the others
-fast/rowsparse.py's kernels; "auto" takes the row-sparse product only where fast.rowsparse.auto_method
-says it pays, and leaves the other projections to the masked product (decode.py).
+y = xs[idx] @ Wt[idx] reads only the rows idx where xs is nonzero (rowsparse.py). method
+"gather" runs rowsparse.py's reference; the others fast/rowsparse.py's kernels; "auto" takes the
+row-sparse product only where fast.rowsparse.auto_method says it pays, and leaves the other
+projections to the masked product (decode.py). A 1.58-bit model's Wt holds its ternary weights
+dequantized, in float32: 32 bits a weight, not 2 (a packed format would read 16x fewer bytes).
 """
 
 import contextlib
