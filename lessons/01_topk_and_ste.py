@@ -41,17 +41,8 @@
 # 5. measures per-layer gradient norms with STE, without STE and dense: the paper's
 #    Fig. 2 at tiny scale, at initialisation and after a short training run;
 # 6. ends by asserting that every hand derivation equals the package's result.
-#
-# The first code cell pins the linear-algebra library to one thread *before NumPy is
-# imported*: on a small shared CPU, small matrix products are faster that way.
 
 # %%
-import os
-for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[var] = "1"              # must happen before NumPy loads its BLAS
-import sys
-sys.path.insert(0, os.path.abspath(".."))
-
 import dataclasses
 import time
 import numpy as np
@@ -64,7 +55,6 @@ from minisparse.linear import SparseSpec, sparse_linear_forward, sparse_linear_b
 from minisparse.data import load_text, train_tokenizer, split_ids, get_batch
 from minisparse.train import TrainConfig, train, load_run
 
-t_lesson = time.perf_counter()
 print("numpy", np.__version__)
 
 # %% [markdown]
@@ -126,20 +116,37 @@ def K_by_hand(D, S):
     return D - zeroed
 
 
-Ds_tab, Ss_tab = (16, 48, 64, 128, 192), (0.0, 0.1, 0.3, 0.5, 0.7, 0.8, 0.9)
-print("K = kept_count(D, S)   [int((1 - S) D) where it differs]")
-print("   D " + "".join(f"{S:>10.1f}" for S in Ss_tab))
-for D in Ds_tab:
-    cells = []
-    for S_ in Ss_tab:
-        k, k_auth = kept_count(D, S_), int((1 - S_) * D)
-        cells.append(f"{k:>4d}" + (f" [{k_auth:>3d}]" if k != k_auth else "      "))
-    print(f"{D:4d} " + "".join(cells))
+Ds_tab = (16, 48, 64, 128, 192)
+S_fine = np.linspace(0, 0.95, 96)                   # S in steps of 0.01
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+for D in (16, 48):
+    k_ours = [kept_count(D, float(S_)) for S_ in S_fine]
+    k_auth = [int((1 - S_) * D) for S_ in S_fine]
+    line, = axes[0].step(S_fine, k_ours, where="post", label=f"D = {D}: kept_count")
+    axes[0].step(S_fine, k_auth, where="post", ls=":", color=line.get_color(), label=f"D = {D}: int((1 - S) D)")
+axes[0].set(xlabel="sparsity S", ylabel="K, channels kept", title="K against S")
+axes[0].legend(fontsize=8)
+extra = np.array([[kept_count(D, float(S_)) - int((1 - S_) * D) for S_ in S_fine] for D in Ds_tab])
+axes[1].imshow(extra, aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest",
+               extent=(S_fine[0] - 0.005, S_fine[-1] + 0.005, len(Ds_tab) - 0.5, -0.5))
+axes[1].set(yticks=range(len(Ds_tab)), yticklabels=Ds_tab, xlabel="sparsity S", ylabel="D",
+            title="black: kept_count keeps one more than int((1 - S) D)")
+plt.tight_layout()
+plt.show()
+assert set(np.unique(extra)) <= {0, 1}              # the same K, or one channel more
 print("S = 0 keeps all D:", all(kept_count(D, 0.0) == D for D in Ds_tab))
+print(f"S = 0.5 with D = 128 keeps {kept_count(128, 0.5)}; S = 0.45 with D = 1536 keeps {kept_count(1536, 0.45)}"
+      f" (the authors' rule: {int((1 - 0.45) * 1536)})")
 try:
     kept_count(64, 1.0)
 except Exception as e:          # a UsageError: the sentence a user would see
     print("S = 1 is refused:", e)
+
+# %% [markdown]
+# On this grid (S in steps of 0.01) the rules differ in about half the cells, the black ones:
+# there minisparse keeps exactly one channel more, never fewer and never two more (asserted
+# above). K falls one channel at a time under both rules; minisparse's steps come half a step
+# later in S, at S·D = n + 1/2 rather than just past n.
 
 # %% [markdown]
 # ## 3. Ties and rows of exact zeros
@@ -150,7 +157,7 @@ except Exception as e:          # a UsageError: the sentence a user would see
 # the K-th largest |x| is 0 and every zero ties with it.
 #
 # A threshold mask `|x| >= t` would keep all tied entries, so a row could keep *more*
-# than K (QSPARSE.md Sec. 8 lists this as a pitfall of public re-implementations).
+# than K (docs/qsparse.md, Sec. 8 lists this among the pitfalls).
 # minisparse keeps the entries above the threshold and then the *first* tied ones, by
 # channel index, until K are kept (`topk_mask`, the `cumsum(eq) <= need` line).
 
@@ -387,29 +394,23 @@ for S_ in (0.5, 0.8):
 # paper's "vanishing in the lower layers".
 
 # %%
-def ratio_table(norms_ste, norms_masked, label):
-    r = norms_ste / norms_masked                    # (projection, layer)
-    print(label)
-    print("  projection " + "".join(f"{l:>7d}" for l in range(base.n_layer)) + "   (layer)")
-    for j, name in enumerate(PROJ):
-        print(f"  {name:10s} " + "".join(f"{v:7.2f}" for v in r[j]))
-    return r
+def plot_ratios(ratio, when):
+    """ratio[S]: (projection, layer) array of ||dW|| STE / ||dW|| no STE, one panel per S."""
+    fig, axes = plt.subplots(1, len(ratio), figsize=(10, 3.2), sharey=True)
+    for ax, (S_, r) in zip(axes, ratio.items()):
+        for j, name in enumerate(PROJ):
+            ax.plot(np.arange(base.n_layer), r[j], "o-", label=name, ms=3)
+        ax.axhline(1, color="grey", lw=0.8)
+        ax.set_xlabel("layer (0 = lowest)")
+        ax.set_title(f"{when}, S = {S_}")
+    axes[0].set_ylabel("||dW|| STE / ||dW|| no STE")
+    axes[0].legend(fontsize=8)
+    plt.tight_layout()
+    plt.show()
 
 
-init_ratio = {S_: ratio_table(init_norms[S_, "STE"], init_norms[S_, "no STE"],
-                              f"||dW|| STE / no STE at init, S = {S_}") for S_ in (0.5, 0.8)}
-
-fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), sharey=True)
-for ax, S_ in zip(axes, (0.5, 0.8)):
-    for j, name in enumerate(PROJ):
-        ax.plot(np.arange(base.n_layer), init_ratio[S_][j], "o-", label=name, ms=3)
-    ax.axhline(1, color="grey", lw=0.8)
-    ax.set_xlabel("layer (0 = lowest)")
-    ax.set_title(f"at init, S = {S_}")
-axes[0].set_ylabel("||dW|| STE / ||dW|| no STE")
-axes[0].legend(fontsize=8)
-plt.tight_layout()
-plt.show()
+init_ratio = {S_: init_norms[S_, "STE"] / init_norms[S_, "no STE"] for S_ in (0.5, 0.8)}   # (projection, layer)
+plot_ratios(init_ratio, "at init")
 
 # %%
 for S_ in (0.5, 0.8):
@@ -447,10 +448,8 @@ for S_ in (0.5, 0.8):
         if name == "dense" and ("dense" in trained_norms):
             continue                                           # dense does not depend on S: train it once
         key = "dense" if name == "dense" else (S_, name)
-        tc = TrainConfig(out_dir=f"runs/01_{name.replace(' ', '_')}_{cfg.sparsity}", n_layer=base.n_layer,
-                         n_head=base.n_head, n_embd=base.n_embd, block_size=T, batch_size=B,
-                         max_iters=TRAIN_ITERS, warmup_iters=10, eval_interval=TRAIN_ITERS, eval_iters=2,
-                         sparsity=cfg.sparsity, no_ste=not cfg.ste)
+        tc = TrainConfig(model=cfg, out_dir=f"runs/01_{name.replace(' ', '_')}_{cfg.sparsity}", batch_size=B,
+                         max_iters=TRAIN_ITERS, warmup_iters=10, eval_interval=TRAIN_ITERS, eval_iters=2)
         summary = train(tc, progress=False, log=lambda *a: None)
         params_t, _, cfg_t, _, _ = load_run(tc.out_dir)
         assert cfg_t == cfg, (cfg_t, cfg)                      # the run built the model we meant
@@ -465,9 +464,8 @@ for S_ in (0.5, 0.8):
                 "no STE": trained_norms[S_, "no STE"]}, f"after {TRAIN_ITERS} training steps, S = {S_}")
 
 # %%
-trained_ratio = {S_: ratio_table(trained_norms[S_, "STE"], trained_norms[S_, "no STE"],
-                                 f"||dW|| STE / no STE after {TRAIN_ITERS} steps, S = {S_}")
-                 for S_ in (0.5, 0.8)}
+trained_ratio = {S_: trained_norms[S_, "STE"] / trained_norms[S_, "no STE"] for S_ in (0.5, 0.8)}
+plot_ratios(trained_ratio, f"after {TRAIN_ITERS} steps")
 for S_ in (0.5, 0.8):
     ste, msk, dense = trained_norms[S_, "STE"], trained_norms[S_, "no STE"], trained_norms["dense"]
     for j in (1, 3):                                           # wo and w_down: the residual-stream gradient
@@ -497,6 +495,14 @@ for S_ in (0.5, 0.8):
 #
 # The printed validation losses after 100 steps are no verdict on STE either: runs this
 # short are dominated by how fast each variant gets going; lesson 05 trains longer.
+#
+# **What this run shows.** After training, the masked gradient is smaller than the STE's at
+# almost every layer and projection (ratios above 1). At S = 0.8 the gap opens toward the
+# bottom: the ratio rises from a small factor in the top blocks to many times that in the
+# lowest ones, so under the masked rule the lower layers get a shrinking share of the
+# gradient, the paper's Fig. 2 in miniature. At S = 0.5 the ratios stay small and show no
+# clear trend with depth: with half of every input kept and only 8 layers, too little is
+# masked for the lost gradient to add up.
 #
 # Do not expect the paper's clean picture from a model this small: 8 layers give at most
 # 8 masked contributions to accumulate, and the paper's Fig. 2 is measured on a trained
@@ -556,4 +562,3 @@ assert not np.array_equal(g_ste["h.0.attn.wq"], g_msk["h.0.attn.wq"])        # b
 for S_ in (0.5, 0.8):
     np.testing.assert_allclose(init_ratio[S_][3, -1], 1.0, rtol=1e-6)         # the plotted top-block ratio
 print("all checks passed")
-print(f"lesson time: {time.perf_counter() - t_lesson:.1f} s")

@@ -35,21 +35,17 @@
 # multiply-adds that the zeros save.
 
 # %%
-import sys, os
-sys.path.insert(0, os.path.abspath(".."))
-
 import numpy as np
 import matplotlib.pyplot as plt
 
 from minisparse.linear import SparseSpec, sparsify, sparse_linear_forward, sparse_linear_backward, zero_fraction
 from minisparse.topk import kept_count, topk_backward
 from minisparse import model
+from minisparse.fast import topk as fast_topk
+# the same centred finite differences and error measure as the tests use
+from minisparse.gradcheck import numerical_grad, rel_error
 
 rng = np.random.default_rng(0)
-
-
-# the same centred finite differences and error measure as the tests use
-from minisparse.gradcheck import numerical_grad, rel_error  # noqa: E402
 
 
 # %% [markdown]
@@ -100,9 +96,10 @@ def hand_forward(X, W, K):
 Y_hand, Xs_hand, Mask_hand = hand_forward(X, W, K)
 (Y_pkg,), cache = sparse_linear_forward(X, [W], SparseSpec(S))
 print("forward: hand vs minisparse, max |diff| =", np.abs(Y_hand - Y_pkg).max())
-# the cache keeps the sparsified input xs (cache[0]); the mask itself (cache[1]) is kept only for
-# the masked-gradient ablation: the straight-through backward never reads it (topk.topk_values)
+# the cache keeps the sparsified input xs (cache[0]) and the mask (cache[1]); only the masked-gradient
+# ablation reads the mask, so the fast ops' sparsify (fast/topk.py) skips it under the STE
 print("sparsified inputs identical:", np.array_equal(Xs_hand.reshape(-1, C), cache[0]))
+print("masks identical:", np.array_equal(Mask_hand, cache[1]))
 
 # %% [markdown]
 # Every token picks its own K channels. Looking at the mask of the six tokens makes that
@@ -349,6 +346,11 @@ for site, v in mean_sp.items():
     print(f"site {site:8s} measured zero fraction {v:.3f}   (nominal {cfg.sparsity})")
 
 # %% [markdown]
+# The three sites fed by an RMSNorm or by attention read exactly the nominal sparsity: their
+# inputs have no zeros of their own. Only `down`, fed by the ReLU²-GLU, reads more: the tokens
+# whose natural zeros already exceed C − K keep all of them.
+
+# %% [markdown]
 # ## 7. What the zeros save: multiply-adds
 #
 # A dense projection of N = B·T tokens costs $N\cdot C\cdot O$ multiply-adds. With K of the
@@ -416,7 +418,8 @@ for s, a, b_ in zip(sparsities, fwd, train_ste):
 #
 # Every claim of this lesson, as an assert (float64; "to rounding" means 1e-12 relative):
 #
-# * the hand mask and forward equal `sparsify` / `sparse_linear_forward`;
+# * the hand mask and forward equal `sparsify` / `sparse_linear_forward`, and the fast
+#   ops' STE shortcut (`minisparse/fast/topk.py`, `sparsify`) returns the same `xs`;
 # * hand $dW = dY^\top X_s$ and $dX$ (STE and masked) equal `sparse_linear_backward`;
 # * at S = 0 both agree with finite differences to 1e-6;
 # * at S = 0.5 finite differences equal the masked gradient (1e-6) and not the STE, and the
@@ -428,10 +431,14 @@ for s, a, b_ in zip(sparsities, fwd, train_ste):
 
 # %%
 TOL_ROUND, TOL_FD = 1e-12, 1e-6
-Xs_pkg, Mask_pkg = sparsify(X, SparseSpec(S, ste=False))      # the spec that keeps the mask
+Xs_pkg, Mask_pkg = sparsify(X, SparseSpec(S, ste=False))      # the masked-gradient spec
 np.testing.assert_array_equal(Mask_hand, Mask_pkg)
 np.testing.assert_array_equal(Xs_hand, Xs_pkg)
-np.testing.assert_array_equal(Xs_hand, sparsify(X, SparseSpec(S))[0])   # the STE path: xs alone
+np.testing.assert_array_equal(Xs_hand, sparsify(X, SparseSpec(S))[0])   # the STE spec: the same xs
+np.testing.assert_array_equal(Mask_hand, sparsify(X, SparseSpec(S))[1])  # ... and the same mask
+xs_fast, mask_fast = fast_topk.sparsify(X, SparseSpec(S))                 # the STE shortcut: xs alone
+np.testing.assert_array_equal(Xs_hand, xs_fast)
+assert mask_fast is None
 np.testing.assert_allclose(Y_hand, Y_pkg, rtol=TOL_ROUND, atol=TOL_ROUND)
 
 for ste in (True, False):

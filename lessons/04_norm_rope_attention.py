@@ -36,22 +36,17 @@
 # hs = C / H head size.
 
 # %%
-import sys, os
-sys.path.insert(0, os.path.abspath(".."))
-
 import numpy as np
 import matplotlib.pyplot as plt
 
 from minisparse.norm import rmsnorm_forward, rmsnorm_backward
 from minisparse.rope import rope_forward, rope_backward
 from minisparse.attention import attention_forward, attention_backward
+# the same centred finite differences and error measure as the tests use
+from minisparse.gradcheck import numerical_grad, rel_error
 
 rng = np.random.default_rng(0)
 TOL_FD, TOL_ROUND = 1e-6, 1e-12
-
-
-# the same centred finite differences and error measure as the tests use
-from minisparse.gradcheck import numerical_grad, rel_error  # noqa: E402
 
 
 def fd_check(name, forward, grads, inputs, dout):

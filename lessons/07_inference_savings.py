@@ -22,28 +22,17 @@
 #
 # keeping K of the C inputs of each token. The paper counts the savings as *activated
 # parameters* N_a, the weights a token actually multiplies, and reports no wall-clock
-# speedup (QSPARSE.md Sec. 7): turning a smaller N_a into less time is left to
+# speedup (docs/qsparse.md, Sec. 7): turning a smaller N_a into less time is left to
 # implementations. This lesson does both halves:
 #
 # 1. **Counting.** Multiply-adds and bytes of weight read per token, projection by
 #    projection, summed over a model's sites, checked against `model.activated_params`.
 # 2. **Measuring.** At batch 1 (one token, as in decoding), a dense matrix-vector product
 #    against one that gathers only the K weight rows it needs; then minisparse's own
-#    decode path, dense and sparse.
-#
-# The first code cell pins the linear-algebra library to one thread *before NumPy is
-# imported*. Timings then compare algorithms, not the thread scheduler: on a shared 2-core
-# machine a two-thread BLAS call sometimes waits a whole scheduler slice, which makes
-# medians jump by milliseconds.
+#    decode path, dense and sparse (the readable masked product, and the row-sparse
+#    kernels of `minisparse/fast/`).
 
 # %%
-import os
-for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[var] = "1"              # must happen before NumPy loads its BLAS
-import sys
-numpy_was_loaded = "numpy" in sys.modules
-sys.path.insert(0, os.path.abspath(".."))
-
 import dataclasses
 import time
 import numpy as np
@@ -53,11 +42,12 @@ from minisparse import model
 from minisparse.model import GPTConfig, SITES, init_params
 from minisparse.linear import SparseSpec, sparse_linear_forward
 from minisparse.topk import kept_count, topk_mask
-from minisparse.decode import DecodeWeights, SparsityMeter
+from minisparse.decode import SparsityMeter
 from minisparse.sampling import generate
+from minisparse.fast import rowsparse as fast_rowsparse
+from minisparse.fast.decode import DecodeWeights
+from minisparse.fast.runtime import blas_threads
 
-if numpy_was_loaded:
-    print("note: NumPy was loaded before this cell, so the BLAS may use more than one thread")
 print("numpy", np.__version__)
 
 # %% [markdown]
@@ -106,11 +96,8 @@ configs = {
     "2048-channel": GPTConfig(vocab_size=32000, block_size=2048, n_layer=24, n_head=16, n_embd=2048),
 }
 for name, cfg in configs.items():
-    print(f"{name}: n_layer {cfg.n_layer}, n_embd {cfg.n_embd}, n_hidden {cfg.n_hidden}")
-    print(f"  {'site':8s} {'C_in':>5s} {'O':>6s} {'dense MACs':>14s} {'50% MACs':>14s} {'50% MB read':>12s}")
-    for (site, C_in, O) in site_shapes(cfg):
-        d, s = per_token_cost(cfg, 0.0)[site], per_token_cost(cfg, 0.5)[site]
-        print(f"  {site:8s} {C_in:5d} {O:6d} {d[0]:14,d} {s[0]:14,d} {s[1] / 1e6:12.3f}")
+    print(f"{name}: n_layer {cfg.n_layer}, n_embd {cfg.n_embd}, n_hidden {cfg.n_hidden}; per block "
+          + ", ".join(f"{site} {C_in}->{O}" for site, C_in, O in site_shapes(cfg)))
     for S in (0.0, 0.5, 0.75):
         macs = sum(v[0] for v in per_token_cost(cfg, S).values())
         N_a = model.activated_params(dataclasses.replace(cfg, sparsity=S))
@@ -157,8 +144,11 @@ plt.show()
 #   is a view, so nothing is copied: this is what reading K rows costs when the gather is
 #   fused into the product, as a real sparse kernel would do it.
 #
-# Each timing is the median of repeats, the three methods interleaved so that a
-# background job slows them alike.
+# Each timing is the median of repeats, the methods interleaved so that a background job
+# slows them alike, and with BLAS on one thread (`minisparse/fast/runtime.py`,
+# `blas_threads(1)`, a threadpoolctl limit): the timings then compare algorithms, not the
+# thread scheduler. On a shared 2-core machine a two-thread BLAS call
+# can wait for a busy core, which makes products of the same size jump by milliseconds.
 
 # %%
 def topk_idx(x, K):
@@ -173,13 +163,14 @@ def gathered_matvec(x, W_T, K):
 
 
 def median_times(fns, repeats):
-    """Median seconds of each function, the functions interleaved within every repeat."""
+    """Median seconds of each function, the functions interleaved within every repeat, BLAS on one thread."""
     t = np.zeros((repeats, len(fns)))
-    for r in range(repeats):
-        for j, f in enumerate(fns):
-            t0 = time.perf_counter()
-            f()
-            t[r, j] = time.perf_counter() - t0
+    with blas_threads(1):                      # threadpoolctl (requirements.txt)
+        for r in range(repeats):
+            for j, f in enumerate(fns):
+                t0 = time.perf_counter()
+                f()
+                t[r, j] = time.perf_counter() - t0
     return np.median(t, axis=0)
 
 
@@ -198,25 +189,21 @@ for D in Ds:
              lambda: x[:K] @ W_T[:K], lambda: topk_idx(x, K)], repeats)
         rows.append(dict(D=D, S=S, K=K, dense=t_dense, gathered=t_gath, slice=t_slice, select=t_sel))
 
-print(f"{'D':>5s} {'S':>5s} {'K':>5s} {'dense us':>9s} {'gather us':>10s} {'(select)':>9s} {'slice us':>9s}"
-      f" {'speedup':>8s} {'ideal':>6s} {'effic.':>7s} {'slice spd':>9s}")
-for r in rows:
-    ideal = 1 / (1 - r["S"])
-    spd = r["dense"] / r["gathered"]
-    print(f"{r['D']:5d} {r['S']:5.2f} {r['K']:5d} {r['dense'] * 1e6:9.1f} {r['gathered'] * 1e6:10.1f}"
-          f" {r['select'] * 1e6:9.1f} {r['slice'] * 1e6:9.1f} {spd:8.2f} {ideal:6.1f} {spd / ideal:7.0%}"
-          f" {r['dense'] / r['slice']:9.2f}")
 for D in Ds:
     t = [r for r in rows if r["D"] == D and r["S"] == 0.0][0]["dense"]
-    print(f"dense D={D}: {D * D * 4 / t / 1e9:.1f} GB/s of weights, {2 * D * D / t / 1e9:.1f} GFLOP/s")
+    print(f"dense D={D}: {t * 1e6:.1f} us per product, {D * D * 4 / t / 1e9:.1f} GB/s of weights, "
+          f"{2 * D * D / t / 1e9:.1f} GFLOP/s")
 
 # %% [markdown]
-# "speedup" is dense time / gathered time (selection included), "ideal" is 1/(1 − S),
-# the ratio of weights read, and "effic." their ratio. The last lines print the dense
-# product's rate as bytes and FLOPs per second: the bytes are what bound it.
+# The dense product's rate, printed as bytes and FLOPs per second: the bytes are what bound
+# it. The plot below has the rest of the measurements: the speedup of the gathered product
+# and of the no-copy slice over the dense one (dense time / their time, selection
+# included), against the ideal 1/(1 − S), the ratio of weights read; and the share of the
+# gathered product's time that goes to selecting the K indices.
 
 # %%
-fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
+axes[1].sharey(axes[0])                                     # the two speedups on one scale
 S_line = np.linspace(0, 0.9, 50)
 for ax, key, title in ((axes[0], "gathered", "gathered: W_T[idx] copies rows"),
                        (axes[1], "slice", "reference: contiguous slice, no copy")):
@@ -230,6 +217,12 @@ for ax, key, title in ((axes[0], "gathered", "gathered: W_T[idx] copies rows"),
     ax.set_yscale("log")
     ax.set_title(title)
     ax.legend(fontsize=8)
+for D in Ds:
+    sel = [r for r in rows if r["D"] == D]
+    axes[2].plot([r["S"] for r in sel], [r["select"] / r["gathered"] for r in sel], "o-", label=f"D = {D}")
+axes[2].set(xlabel="sparsity S", ylabel="selection time / gathered time", ylim=(0, 1.05),
+            title="what the selection (argpartition) costs")
+axes[2].legend(fontsize=8)
 plt.tight_layout()
 plt.show()
 
@@ -239,12 +232,12 @@ plt.show()
 # - The gathered product pays for selecting (an O(D) partition of |x|, a few µs, a large
 #   share at D = 512) and for the copy that fancy indexing makes: a fresh (K, O) array is
 #   allocated and written every call (megabytes at D = 2048, where the operating system
-#   may also have to map new pages), then read again by the product. Where the printed speedup
-#   is below 1, plain NumPy loses to the dense product even though it reads fewer weights.
+#   may also have to map new pages), then read again by the product. Where its speedup (left
+#   panel) is below 1, plain NumPy loses to the dense product even though it reads fewer weights.
 # - At S = 0 the slice is the whole of `W_T`: the same product in the other memory layout.
 #   Any difference from 1 there is BLAS choosing another kernel for that layout (or noise),
 #   not sparsity.
-# - The slice column reads K rows without copying. In this run it comes much closer to the
+# - The slice (middle panel) reads K rows without copying. It comes much closer to the
 #   ideal (printed below), because it does what a real kernel for Q-Sparse would do: read
 #   only the K rows it multiplies. Cache
 #   effects also show: a weight that fits in the CPU's caches is not bound by main memory,
@@ -261,6 +254,11 @@ print(f"in this run the gathered product reached {effic[best]:.0%} of the ideal 
 slice_effic = {(r["D"], r["S"]): (r["dense"] / r["slice"]) * (1 - r["S"]) for r in rows}
 print("the no-copy slice at S = 0.5 reached "
       + ", ".join(f"{slice_effic[(D, 0.5)]:.0%} (D={D})" for D in Ds))
+
+# %% [markdown]
+# So reading fewer rows does turn into less time, but only without the copy: the no-copy
+# slice gets close to the ideal, while the gathered product stays far below it and loses to
+# the dense product except at high sparsity on the larger weights.
 
 # %% [markdown]
 # ## 3. minisparse's decode path, dense and sparse
@@ -334,45 +332,57 @@ print(f"the projections are {proj[0] / step:.0%} of a dense decode step ({step *
 #
 # ## 3b. The row-sparse decode path
 #
-# `minisparse/rowsparse.py` stores each projection's weights input-major (`input_major`:
-# Wt = W^T, one row per input channel) and computes `xs[idx] @ Wt[idx]` for the nonzero
-# inputs `idx` only, so ReLU²'s own zeros at the down projection are skipped too. Its
-# methods: `gather` (the readable reference above), `chunked` (NumPy, a cache-sized buffer
-# reused), and `numba` (a compiled loop that reads each selected row once, when numba is
-# installed). On CuPy arrays two CUDA kernels in `minisparse/rowsparse.cu` do it on the GPU:
-# one block finds the top-K (a radix select on the bits of |x|; `rowsparse.radix_select` is the
-# same algorithm in NumPy, to read and test without a GPU) and writes `idx`, and a second kernel
-# reads only those rows, with no trip to the host in between. A Block Q-Sparse model (lesson 06)
-# decodes the same way: `nm.nm_nonzero` takes the top `keep` of every block of inputs, and
-# `rowsparse.nm_rows_matvec` reads those rows (on the CPU as fast as top-K at the same sparsity).
-# `minisparse/decode.py`, `DecodeWeights`, holds the input-major copies and
+# `minisparse/rowsparse.py` is the readable reference of the product that reads only what it
+# needs: `input_major` stores each projection's weights input-major (Wt = W^T, one row per
+# input channel), and `topk_rows_matvec(x, k, Wt)` computes `xs[idx] @ Wt[idx]` for the nonzero
+# inputs `idx` only, so ReLU²'s own zeros at the down projection are skipped too. Its fast
+# variants live in `minisparse/fast/rowsparse.py`, tested equal to it: `chunked` (NumPy, a
+# cache-sized buffer reused) and `numba` (a compiled loop that reads each selected row once,
+# when numba is installed). On CuPy arrays two CUDA kernels in `minisparse/fast/rowsparse.cu`
+# do it on the GPU: one block finds the top-K (a radix select on the bits of |x|;
+# `fast.rowsparse.radix_select` is the same algorithm in NumPy, to read and test without a GPU)
+# and writes `idx`, and a second kernel reads only those rows, with no trip to the host in
+# between. On the CPU the selection is `fast.topk.topk_nonzero(x, k)`, and a Block Q-Sparse
+# model (lesson 06) decodes the same way: `topk_nonzero(x, keep, block)` takes the top `keep`
+# of every block of inputs, and `nm_rows_matvec` reads those rows.
+#
+# `minisparse/fast/decode.py`, `DecodeWeights`, holds the input-major copies and
 # `decode_forward(..., fast=...)` uses them for single tokens; `generate.py` does this by
-# default (`--kernel`). Its default, 'auto', takes the kernel only where it was measured to pay:
-# numba's for projections of at least 2^17 weights (all of this model's), and the masked product
-# elsewhere, and everywhere without numba (NumPy's row gathers lose to it on the CPU). Here it is
-# on the same model, against the dense product:
+# default (`--kernel`). Its default, 'auto', takes a kernel only where it was measured to pay
+# (`fast.rowsparse.auto_method`): numba's for projections of at least 2^17 weights (all of
+# this model's), and the masked product elsewhere, and everywhere without numba (NumPy's row
+# gathers lose to it on the CPU). The cell prints what 'auto' chooses on this machine, then
+# times the fastest kernel installed (`best_method`: numba's, else `chunked`) on every
+# projection of the same model, against the dense product:
 
 # %%
-fast = DecodeWeights(dparams, dcfg)                  # 'auto': numba's kernel where it pays (see below)
+auto = DecodeWeights(dparams, dcfg)                  # 'auto': a kernel only where it pays
+print(f"'auto' decodes {len(auto.wt)} of {dcfg.n_layer * 4} projections row-sparse"
+      + (f" with {auto.method}" if auto.wt else " (numba is not installed: all take the masked product)"))
+method = fast_rowsparse.best_method()
+fast = DecodeWeights(dparams, dcfg, method=method)   # every projection row-sparse, with that kernel
 meters["rowsparse"] = SparsityMeter()
 
 def run_fast():
     generate(dparams, dcfg, prompt, n_new, temperature=0, meter=meters["rowsparse"], fast=fast)
 
 t_dense2, t_fast = median_times([lambda: run("dense"), run_fast], repeats=5)
-print(f"row-sparse method: {fast.method}, on {len(fast.wt)} of {dcfg.n_layer * 4} projections "
-      "(the others: the masked product)")
+print(f"row-sparse method: {fast.method}, on {len(fast.wt)} of {dcfg.n_layer * 4} projections")
 print(f"decode, batch 1: dense {t_dense2 / n_new * 1e3:.2f} ms/token, row-sparse 50% {t_fast / n_new * 1e3:.2f} "
       f"ms/token (dense / row-sparse = {t_dense2 / t_fast:.2f}x)")
+print("measured zeros reaching each site, row-sparse:", {s: round(v, 3) for s, v in meters["rowsparse"].mean().items()})
 greedy_fast = generate(dparams, dcfg, prompt, n_new, temperature=0, fast=fast)
 greedy_masked = generate(dparams, dcfg, prompt, n_new, temperature=0)
 print("greedy tokens equal to the masked path's:", bool(np.array_equal(greedy_fast, greedy_masked)))
 
 # %% [markdown]
 # `benchmarks/decode_speed.py` measures the same thing for D from 512 to 4096 and a
-# 2048-channel model; the README has its table. At this lesson's 512 channels a decode step
-# is mostly Python and small operations, so the printed ratio is modest; the kernel pays
-# off where the weights are large enough for their bytes to dominate.
+# 2048-channel model; `benchmarks/RESULTS.md` has its tables. At this lesson's 512 channels a
+# decode step is mostly Python and small operations, so the ratio is modest at best, and with
+# NumPy's `chunked` gathers (no numba) the row-sparse path is no faster than the dense one:
+# the kernel pays off where the weights are large enough for their bytes to dominate, and
+# only in a kernel that reads the rows in place. What the cell does show on any machine: the
+# row-sparse path reads only the selected rows and still produces the masked path's tokens.
 #
 # ## 4. Check: the derivations equal the package
 #
