@@ -58,8 +58,8 @@ def interleaved_ms(fs, clock, repeats, rounds=4, settle_s=0.2):
     """The median wall time in ms of each f in fs over calls f(i), i = 0 .. repeats-1, made in
     `rounds` rounds of a block of calls to each f in turn, so that the slow spells of a shared
     machine fall on all of them alike. Before each block, a pause of settle_s: after a call,
-    OpenBLAS's and numba's idle threads spin for up to ~0.1 s, and a call of the other library
-    made then shares the cores with them (calling the two alternately doubled both times); and an
+    OpenBLAS's and numba's idle threads spin for a while, and a call of the other library
+    made then shares the cores with them (calling the two alternately slows both); and an
     untimed call, which wakes the threads that the pause put to sleep."""
     for f in fs:
         f(0)
@@ -186,8 +186,8 @@ def model_decode(xp, method, n_embd, n_layer, n_new, repeats, clock):
 
     def decode(spec, fw, blas_1=False):
         # as sampling.generate does: the prefill too runs inside quiet_blas. (Run before it, with
-        # BLAS's 2 threads, it leaves OpenBLAS's worker spinning for up to ~0.1 s, and the
-        # numba kernel then shares a core with it: 1.15x over dense instead of 1.7x.)
+        # BLAS's threads, it leaves OpenBLAS's workers spinning, and the numba kernel then shares
+        # a core with them.)
         quiet = (fw is not None or blas_1) and xp is np
         with fast_rowsparse.quiet_blas("numba") if quiet else contextlib.nullcontext():
             kv = new_cache(params, cfg, 1)

@@ -206,7 +206,7 @@ def main(argv=None):
         for n in names:
             steppers[n]()
     # Alternate in blocks of --block steps with a pause between blocks: after a call, BLAS and
-    # OpenMP worker threads spin-wait for a while (PyTorch's for up to ~200 ms), and a variant
+    # OpenMP worker threads spin-wait for a while, and a variant
     # started at once would share the cores with the previous one's spinning threads.
     times = {n: [] for n in names}
     for _ in range(-(-args.steps // args.block)):
