@@ -21,7 +21,8 @@ tie_embeddings uses wte as the LM head, so wte's gradient is the sum of both use
 rope_layout "pairs" rotates adjacent channels, the layout of GGUF files' q and k.
 
 Only the four projection inputs are sparsified (docs/qsparse.md, Sec. 1); the embedding, the
-residual stream and the LM head stay dense. Parameters live in a dict with readable
+residual stream and the LM head stay dense. With a_bits=8 and w_bits=1.58 those projections run
+1.58-bit Q-Sparse: INT8 inputs and ternary weights (linear.py, quant.py; Sec. 5). Parameters live in a dict with readable
 names; `forward` returns the loss and the caches, `backward` returns a dict of
 gradients with the same keys. The residual stream is the one place a tensor feeds two
 paths, and its gradients are summed with a visible `+=`.

@@ -93,7 +93,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d):
-        return cls(**{**d, "model": model.GPTConfig.from_dict(d["model"])})
+        return cls(**{**d, "model": GPTConfig.from_dict(d["model"])})
 
     def validate(self):
         for name in ("batch_size", "max_iters", "eval_interval", "eval_iters"):
