@@ -11,7 +11,9 @@ import pytest
 from minisparse import model, quant
 from minisparse.decode import SparsityMeter, decode_forward, new_cache
 from minisparse.errors import UsageError
+from minisparse.fast import ternary as fast_ternary
 from minisparse.fast.decode import DecodeWeights
+from minisparse.ternary import TernaryWeights
 from minisparse.linear import SparseSpec, sparse_linear_backward, sparse_linear_forward
 
 
@@ -115,17 +117,20 @@ def test_impossible_bits_are_one_sentence(a_bits, w_bits):
         model.GPTConfig(a_bits=a_bits, w_bits=w_bits)
 
 
-@pytest.mark.parametrize("method", ["gather", "chunked"])
+@pytest.mark.parametrize("method", ["gather", "chunked"] + (["numba"] if fast_ternary.numba else []))
 @pytest.mark.parametrize("sparsity,nm", [(0.5, None), (0.0, (2, 4)), (0.0, None)])
 def test_158_bit_decode_equals_the_full_forward(method, sparsity, nm):
-    """Decoding a 1.58-bit model with the key/value cache, masked or row-sparse, gives the full
-    forward's logits, and counts the same zeros."""
+    """Decoding a 1.58-bit model with the key/value cache, masked or from its packed 2-bit weights
+    (row-sparse), gives the full forward's logits, and counts the same zeros."""
     cfg = model.GPTConfig(vocab_size=13, block_size=12, n_layer=2, n_head=2, n_embd=32, sparsity=sparsity, nm=nm,
                           a_bits=8, w_bits=1.58)
     params = model.init_params(cfg, seed=4, dtype=np.float64)
     idx = np.random.default_rng(5).integers(0, 13, (1, 10))
     full = model.forward(params, cfg, idx)[0]
     fast = None if sparsity == 0.0 and nm is None else DecodeWeights(params, cfg, method)
+    if fast is not None:                                      # 2 bits a weight: D x O / 4 bytes
+        tw, sizes = fast.wt[0, "qkv"]
+        assert isinstance(tw, TernaryWeights) and tw.packed.dtype == np.uint8 and tw.packed.shape == (32, 96 // 4)
     kv, meter = new_cache(params, cfg, 1), SparsityMeter()
     pieces = [decode_forward(params, cfg, idx[:, :4], kv, meter=meter, fast=fast)]
     for t in range(4, 10):

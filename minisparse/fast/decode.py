@@ -8,19 +8,22 @@ Each token's input x (D,) is sparsified (and quantized, for a 1.58-bit model), a
 y = xs[idx] @ Wt[idx] reads only the rows idx where xs is nonzero (rowsparse.py). method
 "gather" runs rowsparse.py's reference; the others fast/rowsparse.py's kernels; "auto" takes the
 row-sparse product only where fast.rowsparse.auto_method says it pays, and leaves the other
-projections to the masked product (decode.py). A 1.58-bit model's Wt holds its ternary weights
-dequantized, in float32: 32 bits a weight, not 2 (a packed format would read 16x fewer bytes).
+projections to the masked product (decode.py). A 1.58-bit model (w_bits 1.58, a_bits 8) on the CPU
+stores its projections packed, 2 bits a weight (ternary.py), and multiplies INT8 codes by them:
+with numba through fast/ternary.py's kernel, else (and with method "gather") through ternary.py's
+reference. On the GPU it keeps float copies of the ternary weights.
 """
 
 import contextlib
 
 import numpy as np
 
-from .. import rowsparse
+from .. import rowsparse, ternary
 from ..backend import array_module
 from ..linear import quantized_input, quantized_weights
 from ..model import SITE_WEIGHTS
 from . import rowsparse as fast_rowsparse
+from . import ternary as fast_ternary
 
 
 class DecodeWeights:
@@ -33,7 +36,8 @@ class DecodeWeights:
         xp = array_module(params["wte"])
         self.max_rows = max_rows
         self.method = method
-        self.wt = {}                           # (layer, site) -> (Wt, [O_i]); absent: the masked product
+        self.ternary = cfg.w_bits == 1.58 and cfg.a_bits == 8 and xp is np     # packed, 2 bits a weight
+        self.wt = {}                           # (layer, site) -> (Wt or TernaryWeights, [O_i]); absent: masked
         for l in range(cfg.n_layer):
             for site, names in SITE_WEIGHTS.items():
                 Ws = quantized_weights([params[f"h.{l}.{n}"] for n in names], cfg.spec)   # ternary if 1.58-bit
@@ -43,13 +47,22 @@ class DecodeWeights:
                     if chosen is None:
                         continue               # the masked product is as fast or faster here
                     self.method = chosen
-                self.wt[l, site] = (rowsparse.input_major(Ws), [W.shape[0] for W in Ws])
+                if self.ternary:
+                    packed = ternary.pack_weights([params[f"h.{l}.{n}"] for n in names])
+                    self.wt[l, site] = (packed, packed.sizes)
+                else:
+                    self.wt[l, site] = (rowsparse.input_major(Ws), [W.shape[0] for W in Ws])
         self._warm_up(xp)
 
     def _warm_up(self, xp):
         """Compile the kernels now, not in the first token, so that a decode's time is the decode's:
         CUDA once per input width D (NVRTC compiles each), numba once (its first call loads the
         compiled kernel from its cache and starts its threads)."""
+        if self.ternary:
+            if fast_ternary.numba is not None and self.wt and self.method != "gather":
+                tw = next(iter(self.wt.values()))[0]
+                fast_ternary.ternary_rows_matvec(np.ones(1, np.int32), np.zeros(1, np.int64), tw.packed, tw.O)
+            return
         warm = list({wt.shape[0]: wt for wt, _ in self.wt.values()}.values())   # one Wt per input width
         if xp is np:
             warm = warm[:1] if self.method == "numba" else []
@@ -64,6 +77,10 @@ class DecodeWeights:
 
     def select(self, row, spec, wt):
         """One token's input row (D,) -> y (sum O_i,), rows read."""
+        if self.ternary:                       # INT8 codes times the packed ternary rows (ternary.py)
+            fast = fast_ternary.numba is not None and self.method != "gather"
+            return ternary.ternary_sparse_matvec(
+                row, spec, wt, fast_ternary.ternary_rows_matvec if fast else ternary.ternary_rows_matvec)
         if self.method == "gather":            # the reference (rowsparse.py)
             return rowsparse.sparse_rows_matvec(row, spec, wt)
         if spec.a_bits != 16:                  # INT8 inputs: the reference selection, then the kernel
@@ -84,7 +101,7 @@ class DecodeWeights:
             y, read = self.select(xs[0], spec, wt)
             y = y[None]
         else:                                  # each token its own rows (GPU: no sync for top-K)
-            y = array_module(x).empty((B * T, wt.shape[1]), dtype=x.dtype)
+            y = array_module(x).empty((B * T, sum(sizes)), dtype=x.dtype)
             read = 0
             for n in range(B * T):
                 y[n], r = self.select(xs[n], spec, wt)
