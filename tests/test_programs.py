@@ -370,13 +370,13 @@ def test_158_bit_run_trains_records_its_precision_and_decodes(corpus, tmp_path, 
     assert (meta["model"]["w_bits"], meta["model"]["a_bits"]) == (1.58, 8)
     evals = losses(d)[1]
     assert evals[-1][2] < evals[0][2]                                   # it learns
-    for kernel in ("masked", "auto"):
-        rc, text, err = call(generate, ["--out_dir", d, "--prompt", "the ", "--max_new_tokens", 20,
-                                        "--temperature", 0, "--kernel", kernel], capsys)
+    texts = {}
+    for kernel in ("masked", "auto", "gather"):
+        rc, texts[kernel], err = call(generate, ["--out_dir", d, "--prompt", "the ", "--max_new_tokens", 20,
+                                                 "--temperature", 0, "--kernel", kernel], capsys)
         assert rc == 0, err
-        assert text.startswith("the ") and "tokens/s" in err
-        greedy = text if kernel == "masked" else greedy
-    assert text == greedy                                               # both kernels, the same tokens
+        assert texts[kernel].startswith("the ") and "tokens/s" in err
+    assert texts["auto"] == texts["masked"] == texts["gather"]          # every kernel, the same tokens
 
 
 def test_generate_numba_kernel_without_numba_is_one_sentence(sparse_run, capsys, monkeypatch):
