@@ -134,6 +134,75 @@ def plot(args):
     print(f"wrote {args.png}")
 
 
+def bootstrap_s_star(N, S, Lv, fit, n=200, seed=0):
+    """S* of the law refitted to n resamples of the runs (with replacement), each fit started from
+    `fit`: the spread that the choice of runs alone puts on S*."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    start = [tuple(fit[k] for k in scaling.NAMES)]
+    out = []
+    for _ in range(n):
+        i = rng.integers(0, len(N), len(N))
+        if len(set(S[i])) < 3 or len(set(N[i])) < 2:
+            continue                                      # too few distinct points to fit the law
+        f = scaling.fit_law(N[i], S[i], Lv[i], starts=start)
+        out.append(scaling.optimal_sparsity(*(f[k] for k in scaling.NAMES)))
+    return np.array(out)
+
+
+def compare(args):
+    """The 1.58-bit law beside the full-precision one: both fits, S* with a bootstrap interval, and
+    one figure (the 1.58-bit runs with their fit; the loss at a fixed N_a against S for both)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    laws = {}
+    for name, path in (("full precision", os.path.join(HERE, "scaling", "sweep.csv")), ("1.58-bit", args.csv)):
+        rows = read_rows(path)
+        if not rows:
+            raise UsageError(f"{path!r} has no runs yet: run the sweep first.")
+        N, S, Lv = (np.array([r[k] for r in rows]) for k in ("N", "S", "val_loss"))
+        fit = scaling.fit_law(N, S, Lv)
+        s_star = scaling.optimal_sparsity(*(fit[k] for k in scaling.NAMES))
+        boot = bootstrap_s_star(N, S, Lv, fit)
+        lo, hi = np.percentile(boot, [5, 95])
+        laws[name] = (N, S, Lv, fit, s_star, boot)
+        print(f"{name}: {len(rows)} runs; fit " + ", ".join(f"{k} {fit[k]:.4g}" for k in scaling.NAMES)
+              + f"; S* = {s_star:.4f} (bootstrap over runs, {len(boot)} resamples: 90% in [{lo:.4f}, {hi:.4f}])")
+    b_fp, b_158 = laws["full precision"][5], laws["1.58-bit"][5]
+    m = min(len(b_fp), len(b_158))
+    print(f"S*(1.58-bit) - S*(full precision) = {laws['1.58-bit'][4] - laws['full precision'][4]:+.4f}; "
+          f"in {np.mean(b_158[:m] > b_fp[:m]):.0%} of paired resamples the 1.58-bit S* is the higher")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    N, S, Lv, fit, s_star, _ = laws["1.58-bit"]
+    grid = np.geomspace(N.min() * 0.1, N.max() * 1.2, 200)
+    for j, s_ in enumerate(sorted(set(S))):
+        sel = S == s_
+        color = plt.cm.viridis(j / max(1, len(set(S)) - 1))
+        axes[0].scatter(N[sel] * (1 - s_), Lv[sel], color=color, s=18, label=f"S = {s_:g}")
+        n_a = grid * (1 - s_)
+        ok = n_a >= (N.min() * (1 - s_)) * 0.9
+        axes[0].plot(n_a[ok], scaling.law_at_budget(n_a[ok], s_, *(fit[k] for k in scaling.NAMES)), color=color, lw=1)
+    axes[0].set(xscale="log", xlabel="activated parameters per token, N_a", ylabel="validation loss (nats/char)",
+                title="1.58-bit runs and their fitted law")
+    axes[0].legend(fontsize=8)
+    s_grid = np.linspace(0.0, 0.9, 181)
+    for (name, (N_, _, _, fit_, s_star_, boot)), color in zip(laws.items(), ("C0", "C3")):
+        n_a = float(np.exp(np.log(N_).mean()))                # a budget in the middle of the sweep
+        curve = scaling.law_at_budget(n_a, s_grid, *(fit_[k] for k in scaling.NAMES))
+        lo, hi = np.percentile(boot, [5, 95])
+        axes[1].plot(s_grid, curve - curve.min(), color=color, label=f"{name}: S* = {s_star_:.1%} (90%: {lo:.0%}-{hi:.0%})")
+        axes[1].axvline(s_star_, color=color, ls=":", lw=1)
+        axes[1].axvspan(lo, hi, color=color, alpha=0.08)
+    axes[1].set(xlabel="sparsity S", ylabel="loss above the optimum, at fixed N_a",
+                title="the two laws at one inference budget", ylim=(-0.005, 0.08))
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.png, dpi=110)
+    print(f"wrote {args.png}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out_dir", default="out-scaling", help="where each run's checkpoint goes")
@@ -154,7 +223,9 @@ def main(argv=None):
     args.png = args.png or os.path.join(HERE, "scaling", f"sweep{tag}.png")
     try:
         os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-        if args.plot:
+        if args.plot and args.bits != "16":
+            compare(args)
+        elif args.plot:
             plot(args)
         elif sweep(args):
             print(f"sweep complete: {args.csv}")
