@@ -6,7 +6,9 @@ sums; tests/test_ternary.py).
 Why faster: the reference unpacks the K selected rows into a (K, O) int32 array and multiplies;
 this kernel reads each selected row's bytes once and adds v * u into four contiguous
 accumulators, one per quarter of the row (ternary.py's layout), so the inner loop over a row's
-bytes is shift, mask, multiply, add on contiguous arrays: LLVM vectorizes it. The stored u = c + 1
+bytes is shift, mask, multiply, add on contiguous arrays: LLVM vectorizes it. Four rows are
+added per pass, so the accumulators (a tile of them stays in L1) are read and written once per
+four rows instead of once per row. The stored u = c + 1
 saves the subtraction per weight; sum_k qv[k] is subtracted once per column at the end.
 Threads take separate tiles of the bytes. Needs numba.
 """
@@ -34,7 +36,19 @@ if numba is not None:
             a1 = np.zeros(n, dtype=np.int32)
             a2 = np.zeros(n, dtype=np.int32)
             a3 = np.zeros(n, dtype=np.int32)
-            for k in range(K):
+            k = 0
+            while k + 4 <= K:              # four rows a pass: the accumulators are read and written
+                v0, v1, v2, v3 = qv[k], qv[k + 1], qv[k + 2], qv[k + 3]     # once per four rows
+                r0, r1 = packed[idx[k], j0:j1], packed[idx[k + 1], j0:j1]
+                r2, r3 = packed[idx[k + 2], j0:j1], packed[idx[k + 3], j0:j1]
+                for j in range(n):
+                    b0, b1, b2, b3 = np.int32(r0[j]), np.int32(r1[j]), np.int32(r2[j]), np.int32(r3[j])
+                    a0[j] += v0 * (b0 & 3) + v1 * (b1 & 3) + v2 * (b2 & 3) + v3 * (b3 & 3)
+                    a1[j] += v0 * ((b0 >> 2) & 3) + v1 * ((b1 >> 2) & 3) + v2 * ((b2 >> 2) & 3) + v3 * ((b3 >> 2) & 3)
+                    a2[j] += v0 * ((b0 >> 4) & 3) + v1 * ((b1 >> 4) & 3) + v2 * ((b2 >> 4) & 3) + v3 * ((b3 >> 4) & 3)
+                    a3[j] += v0 * (b0 >> 6) + v1 * (b1 >> 6) + v2 * (b2 >> 6) + v3 * (b3 >> 6)
+                k += 4
+            while k < K:
                 v = qv[k]
                 row = packed[idx[k], j0:j1]
                 for j in range(n):
@@ -42,7 +56,8 @@ if numba is not None:
                     a0[j] += v * (b & 3)
                     a1[j] += v * ((b >> 2) & 3)
                     a2[j] += v * ((b >> 4) & 3)
-                    a3[j] += v * ((b >> 6) & 3)
+                    a3[j] += v * (b >> 6)
+                k += 1
             for j in range(n):
                 acc[j0 + j] = a0[j] - total
                 acc[Q + j0 + j] = a1[j] - total
