@@ -131,7 +131,7 @@ def plot(args):
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.png, dpi=110)
-    print(f"wrote {args.png}")
+    print(f"wrote {os.path.relpath(args.png)}")
 
 
 def bootstrap_s_star(N, S, Lv, fit, n=200, seed=0):
@@ -200,7 +200,7 @@ def compare(args):
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.png, dpi=110)
-    print(f"wrote {args.png}")
+    print(f"wrote {os.path.relpath(args.png)}")
 
 
 def main(argv=None):

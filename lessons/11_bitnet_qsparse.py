@@ -328,9 +328,11 @@ plt.show()
 
 # %% [markdown]
 # Each curve is one law's loss at a fixed inference budget, against the sparsity that spends
-# it; its minimum is S*. Where the two minima fall, and how far apart they are against the
-# bootstrap interval, is what these 28 + 24 tiny runs can say about the paper's claim; the
-# interval is wide, so one sweep at one seed can show a shift only if it is large.
+# it; its minimum is S*. In these sweeps the 1.58-bit optimum does not move *higher*, as the
+# paper's does: it comes out a little lower than full precision's. The bootstrap intervals
+# (`experiments/scaling/fit_b158.txt`) overlap widely, so the data say neither precision's
+# optimum is clearly above the other's: 24 tiny runs at one seed, 1.15M tokens each, cannot
+# resolve a shift of the paper's size (about 16 points), let alone its direction.
 
 # %%
 assert np.array_equal(q_hand, q_pkg) and np.array_equal(w_hand, w_pkg)
