@@ -11,6 +11,7 @@ The reference core, one file per concept; each opens with the equation it implem
     model.py      the GPT: config, parameters, forward (training and decoding), backward, N_a
     decode.py     decoding with a key/value cache;  sampling.py  temperature and top-k sampling
     rowsparse.py  the row-sparse product, where the saving of sparsity is real
+    quant.py      INT8 inputs and ternary weights (Eq. 4-10);  ternary.py  their 2-bit packed decode
     optimizer.py  AdamW and gradient clipping;  schedule.py  warmup + cosine learning rate
     scaling.py    the scaling law L(N, S) and the optimal sparsity
 The programs' plumbing: train.py (the loop, checkpoint.py, data.py), pretrained.py (GGUF),

@@ -9,10 +9,12 @@ to the function it replaces. The programs use them; a reader can leave them out 
     embedding.py           the embedding's scatter-add by sorting                     (embedding.py)
     parallel.py            a training step's batch split over CPU threads   (model.forward_backward)
     rowsparse.py, .cu      row-sparse kernels: chunked NumPy, numba, CUDA             (rowsparse.py)
+    ternary.py             the 2-bit packed ternary product, numba          (ternary.ternary_rows_matvec)
     decode.py              DecodeWeights: which projections decode row-sparse, and how (decode.py)
     runtime.py             malloc and BLAS-thread settings (no numbers change)
 
-tests/test_fast.py checks each op against its reference; tests/test_rowsparse.py the kernels.
+tests/test_fast.py checks each op against its reference; tests/test_rowsparse.py and
+tests/test_ternary.py the kernels.
 """
 
 from ..model import Ops
