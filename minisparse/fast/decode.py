@@ -40,18 +40,19 @@ class DecodeWeights:
         self.wt = {}                           # (layer, site) -> (Wt or TernaryWeights, [O_i]); absent: masked
         for l in range(cfg.n_layer):
             for site, names in SITE_WEIGHTS.items():
-                Ws = quantized_weights([params[f"h.{l}.{n}"] for n in names], cfg.spec)   # ternary if 1.58-bit
+                Ws = [params[f"h.{l}.{n}"] for n in names]                        # the latent weights
                 if method == "auto":
                     chosen = fast_rowsparse.auto_method(xp, Ws[0].shape[1] * sum(W.shape[0] for W in Ws),
                                                         min_weights)
                     if chosen is None:
                         continue               # the masked product is as fast or faster here
                     self.method = chosen
-                if self.ternary:
-                    packed = ternary.pack_weights([params[f"h.{l}.{n}"] for n in names])
+                if self.ternary:               # quantized and packed by ternary.py
+                    packed = ternary.pack_weights(Ws)
                     self.wt[l, site] = (packed, packed.sizes)
-                else:
-                    self.wt[l, site] = (rowsparse.input_major(Ws), [W.shape[0] for W in Ws])
+                else:                          # ternarized in float if 1.58-bit (GPU), else as they are
+                    Wq = quantized_weights(Ws, cfg.spec)
+                    self.wt[l, site] = (rowsparse.input_major(Wq), [W.shape[0] for W in Wq])
         self._warm_up(xp)
 
     def _warm_up(self, xp):
