@@ -144,7 +144,7 @@ class GPTConfig:
 
     @property
     def spec(self):
-        return SparseSpec(self.sparsity, self.nm, self.ste, self.a_bits, self.w_bits)
+        return self.spec_at(self.sparsity, self.nm)
 
     def spec_at(self, sparsity, nm=None):
         """This model's spec at another sparsity (0: the dense fallback), in the precision it was
