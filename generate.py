@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from minisparse import backend, model, pretrained
+from minisparse.data import start_ids
 from minisparse.decode import SparsityMeter
 from minisparse.fast import FAST
 from minisparse.fast import rowsparse as fast_rowsparse
@@ -32,7 +33,8 @@ def build_parser():
                         "or a LLaMA-family .gguf file")
     p.add_argument("--raw", action="store_true",
                    help="with a pretrained instruct model: continue the prompt as plain text, without the chat template")
-    p.add_argument("--prompt", default="The ", help="text to continue")
+    p.add_argument("--prompt", default="",
+                   help="text to continue; empty: start from a newline, or a token every model knows (data.start_ids)")
     p.add_argument("--max_new_tokens", type=int, default=300, help="tokens to generate per sample")
     p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy")
     p.add_argument("--top_k", type=int, default=40, help="sample only from the k most likely tokens; 0 = all")
@@ -76,7 +78,7 @@ def run(args):
         spec = cfg.spec_at(args.sparsity)
     run_cfg = model.GPTConfig(**{**cfg.to_dict(), "sparsity": spec.sparsity, "nm": spec.nm})
     text = pretrained.chat_prompt(args.prompt) if template and not args.raw else args.prompt
-    ids = tok.encode(text)
+    ids = tok.encode(text) or start_ids(tok)       # an empty prompt: start from a known token
     prompt = np.array([ids] * args.num_samples, dtype=np.int64)
     meter = SparsityMeter()
     if args.kernel == "numba" and fast_rowsparse.numba is None:

@@ -17,6 +17,10 @@ Tokenizers (train_tokenizer, tokenizer_from_dict); each has .kind, .vocab_size (
     BPETokenizer   byte-level BPE (HuggingFace `tokenizers`): 256 byte tokens plus learned
                    merges, so any text at all round-trips, decode(encode(s)) == s.
 
+A sample with no prompt starts from start_ids(tok): the newline's token where the tokenizer
+has one (a text's next line, a start every corpus with more than one line knows), else token
+0, which every vocabulary has (for a char tokenizer, the corpus's smallest character).
+
 Split (split_ids), fixed, not random: with N tokens and val_fraction f,
     n_val = int(round(f * N))       val   = ids[N - n_val:]   the last n_val tokens
     n_train = N - n_val             train = ids[:N - n_val]
@@ -277,6 +281,16 @@ class BPETokenizer:
 
 
 _TOKENIZERS = {"char": CharTokenizer, "bpe": BPETokenizer}
+
+
+def start_ids(tok) -> list[int]:
+    """The ids a sample starts from when the prompt is empty: encode("\\n") if that is one token
+    of the vocabulary, else [0]. Any model can continue it, whatever characters its corpus had."""
+    try:
+        ids = tok.encode("\n")
+    except UsageError:                      # a char vocabulary without a newline
+        ids = []
+    return ids if len(ids) == 1 else [0]
 
 
 def train_tokenizer(text: str, kind: str = "char", vocab_size: int = 512):

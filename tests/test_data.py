@@ -210,6 +210,16 @@ def test_bpe_smallest_vocab():
     assert tok.decode(tok.encode("xyz ab")) == "xyz ab"
 
 
+def test_start_ids_is_a_token_of_every_vocabulary(bpe):
+    """An empty prompt starts from the newline where the vocabulary has it, else from token 0:
+    never from a character that the corpus lacked."""
+    with_newline = CharTokenizer.train("xyz\nzy")
+    assert data.start_ids(with_newline) == [with_newline.stoi["\n"]]
+    one_line = CharTokenizer.train("abc cab")                  # no newline, no 'T', no 'h'
+    assert data.start_ids(one_line) == [0] and one_line.decode([0]) == " "
+    assert bpe.decode(data.start_ids(bpe)) == "\n"              # byte-level BPE knows every byte
+
+
 @pytest.mark.parametrize("bad", [256, 0, -5, 512.0, "512", True, None])
 def test_bpe_bad_vocab_size(bad):
     with pytest.raises(UsageError, match="257"):

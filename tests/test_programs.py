@@ -292,6 +292,14 @@ def test_generate_prints_prompt_and_summary(sparse_run, capsys):
     assert "dense" not in err
 
 
+def test_generate_without_a_prompt_works_on_a_corpus_without_capitals(sparse_run, capsys):
+    """The corpus has no 'T': a bare generate.py (no --prompt) must still sample, from a newline."""
+    rc, out, err = call(generate, ["--out_dir", sparse_run, "--max_new_tokens", 12], capsys)
+    assert rc == 0, err
+    assert out.startswith("\n") and len(out) == 1 + 12 + 1     # the start token, 12 new, print's newline
+    assert "12 tokens" in err
+
+
 def test_generate_dense_fallback(sparse_run, capsys):
     rc, out, err = call(generate, ["--out_dir", sparse_run, "--prompt", "the", "--max_new_tokens", 10,
                                    "--sparsity", 0], capsys)
