@@ -135,6 +135,28 @@ def test_cross_entropy():
     check("cross_entropy", lambda z: cross_entropy_forward(z, targets), cross_entropy_backward, [logits])
 
 
+def test_cross_entropy_with_ignored_targets():
+    """Targets of -1 are not counted: the loss is the mean over the others, and the ignored rows
+    get no gradient at all."""
+    rng = np.random.default_rng(18)
+    logits, targets = rng.standard_normal((9, 5)), rng.integers(0, 5, 9)
+    targets[[0, 3, 4, 8]] = -1
+    check("cross_entropy ignored", lambda z: cross_entropy_forward(z, targets), cross_entropy_backward, [logits])
+    loss, cache = cross_entropy_forward(logits.copy(), targets)
+    kept = targets != -1
+    ref, _ = cross_entropy_forward(logits[kept].copy(), targets[kept])
+    assert float(loss) == pytest.approx(float(ref), rel=1e-15)   # the mean over the 5 counted tokens
+    dlogits = cross_entropy_backward(1.0, cache)
+    assert np.all(dlogits[~kept] == 0)
+
+
+def test_cross_entropy_with_every_target_ignored_is_zero_not_nan():
+    logits, targets = np.random.default_rng(19).standard_normal((4, 5)), np.full(4, -1)
+    loss, cache = cross_entropy_forward(logits, targets)
+    assert float(loss) == 0.0
+    assert np.all(cross_entropy_backward(1.0, cache) == 0)
+
+
 @pytest.mark.parametrize("activation,extra", [
     ("relu2", {}), ("swiglu", {}),
     # the LLaMA-family options (grouped-query attention, tied head, GGUF rotary layout)

@@ -78,3 +78,27 @@ def test_without_threadpoolctl_the_batch_is_not_split(monkeypatch):
     monkeypatch.setattr(model, "forward", lambda p, c, xx, yy, *a: ran.append(xx.shape[0]) or forward(p, c, xx, yy, *a))
     parallel.forward_backward(params, cfg, x, y, threads=2)
     assert ran == [5]
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_split_batch_with_masked_targets_weights_parts_by_counted_tokens(threads):
+    """Finetuning masks each row's prompt and padding (targets -1), so parts count different numbers
+    of tokens: the split batch must still give the whole batch's loss and gradients. Weighting the
+    parts by their sequences instead (the pretraining weights) would fail this."""
+    cfg, params, x, y = setup(0.5)
+    y = y.copy()
+    y[0, :7] = -1                  # one counted token
+    y[1, :] = -1                   # none: a row that is all prompt
+    y[2, :2] = y[3, 5:] = -1
+    _, ref_loss, caches = model.forward(params, cfg, x, y)
+    ref_grads = model.backward(params, cfg, caches)
+    loss, grads, _ = parallel.forward_backward(params, cfg, x, y, threads=threads)
+    assert abs(loss - float(ref_loss)) <= 1e-14
+    for k in grads:
+        np.testing.assert_allclose(grads[k], ref_grads[k], rtol=0, atol=1e-14, err_msg=k)
+
+
+def test_split_batch_with_nothing_counted_is_zero():
+    cfg, params, x, y = setup()
+    loss, grads, _ = parallel.forward_backward(params, cfg, x, np.full_like(y, -1), threads=2)
+    assert loss == 0.0 and all(not g.any() for g in grads.values())

@@ -151,7 +151,8 @@ def t_forward(P, cfg, idx, targets):
         x = x + t_input(m, cfg) @ W["ffn.w_down"].T
     head = P["wte"] if cfg.tie_embeddings else P["lm_head"]
     logits = t_rmsnorm(x, P["norm_f"], cfg.norm_eps) @ head.T   # (B, T, V)
-    loss = torch.nn.functional.cross_entropy(logits.reshape(Bn * Tn, -1), targets.reshape(-1))
+    # targets of -1 are not counted (finetuning's masked prompt and padding): torch's own ignore_index
+    loss = torch.nn.functional.cross_entropy(logits.reshape(Bn * Tn, -1), targets.reshape(-1), ignore_index=-1)
     return logits, loss
 
 
@@ -169,7 +170,7 @@ def batch(rng, cfg):
 # loss, logits and every gradient
 
 
-def compare_model(name, cfg, seed=0, ties=False):
+def compare_model(name, cfg, seed=0, ties=False, masked=False):
     params = model.init_params(cfg, seed=seed, dtype=np.float64)
     if ties:
         # embeddings from four magnitudes {1, 2, 3, 4} * 0.01 with random signs: every row of the
@@ -179,6 +180,9 @@ def compare_model(name, cfg, seed=0, ties=False):
         V, C = params["wte"].shape
         params["wte"] = 0.01 * rng.integers(1, 5, size=(V, C)) * rng.choice([-1.0, 1.0], size=(V, C))
     idx, targets = batch(np.random.default_rng(seed + 100), cfg)
+    if masked:
+        # as finetuning's batches: each row's prompt (a different length per row) and padding not counted
+        targets[0, :5] = targets[1, :11] = targets[2, :2] = targets[2, 12:] = -1
 
     logits, loss, caches = model.forward(params, cfg, idx, targets)
     grads = model.backward(params, cfg, caches)
@@ -225,6 +229,14 @@ def test_llama_options_gqa_tied_pairs(sparsity, nm):
     cfg = model.GPTConfig(**{**SMALL, "n_head": 4}, n_kv_head=2, tie_embeddings=True, rope_layout="pairs",
                           sparsity=sparsity, nm=nm, activation="swiglu", rope_base=100000.0)
     compare_model(f"gqa/tied/pairs {sparsity} {nm}", cfg)
+
+
+@pytest.mark.parametrize("sparsity,nm", [(0.5, None), (0.0, (2, 4)), (0.0, None)])
+def test_masked_targets_against_torch_ignore_index(sparsity, nm):
+    """Finetuning's loss: targets of -1 (prompt, padding) are left out of the mean, as torch's
+    cross_entropy(ignore_index=-1) does; the gradients of every parameter agree."""
+    cfg = model.GPTConfig(**SMALL, sparsity=sparsity, nm=nm, activation="swiglu")
+    compare_model(f"masked targets {sparsity} {nm}", cfg, masked=True)
 
 
 def test_dense_relu2():

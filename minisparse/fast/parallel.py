@@ -3,15 +3,20 @@
     fast.parallel.forward_backward(params, cfg, x, y, ops, threads)
     equals model.forward_backward(params, cfg, x, y, ops) up to float rounding (tests/test_parallel.py)
 
-The loss is the mean over the N = B * T tokens of the batch. Split the B sequences into
-parts p of N_p tokens each; then
+The loss is the mean over the N counted tokens of the batch (every target but loss.IGNORE:
+all B * T when pretraining; only the responses when finetuning, sft.py). Split the B
+sequences into parts p holding N_p counted tokens each; then
 
-    loss = sum_p (N_p / N) * loss_p          loss_p: the mean over part p's tokens
+    loss = sum_p (N_p / N) * loss_p          loss_p: the mean over part p's counted tokens
     grad = sum_p (N_p / N) * grad_p          each part's backward run with dloss = N_p / N
 
 so the summed gradient is the full batch's gradient (up to float rounding: the sums are
-made in another order). Top-K and N:M act per token, so a part sees the same masks it
-would inside the full batch.
+made in another order). The weights count tokens, not sequences: with masking one part
+may hold a long response and another a short one, and weighting them by their sequences
+would give the short one's tokens more say. A batch with nothing counted (N = 0) has loss
+and gradient 0, as loss.py defines it. Top-K and N:M act per token, so a part sees the
+same masks it would inside the full batch; the measured sparsity is over all B * T
+positions, so its parts are weighted by their sequences.
 
 Why: NumPy runs every elementwise operation (norms, RoPE, softmax, ReLU2, top-K) on one
 core, and BLAS gains little from several threads on small products. Here each thread runs the
@@ -25,6 +30,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 from .. import model
+from ..loss import IGNORE
 from .runtime import blas_threads
 
 _pools = {}
@@ -65,10 +71,13 @@ def forward_backward(params, cfg, x, y, ops=model.REFERENCE, threads=1):
     if limit is None:
         return model.forward_backward(params, cfg, x, y, ops)
 
+    counted = (y != IGNORE).sum(axis=1)                    # (B,) counted tokens of each sequence
+    N = int(counted.sum())
+
     def run(part):
-        w = (part.stop - part.start) / B                   # N_p / N: every sequence has T tokens
+        w = int(counted[part].sum()) / N if N else 0.0     # N_p / N, by counted tokens
         loss, grads, zeros = model.forward_backward(params, cfg, x[part], y[part], ops, dloss=w)
-        return w * loss, grads, w, zeros
+        return w * loss, grads, (part.stop - part.start) / B, zeros
 
     if len(parts) not in _pools:
         _pools[len(parts)] = ThreadPoolExecutor(len(parts), thread_name_prefix="minisparse-part")
