@@ -8,12 +8,14 @@ the training data); another value overrides the trained top-K sparsity.
 """
 
 import argparse
+import os
 import sys
 import time
 
 import numpy as np
 
 from minisparse import backend, model, pretrained
+from minisparse import evaluate as ev
 from minisparse.data import start_ids
 from minisparse.decode import SparsityMeter
 from minisparse.fast import FAST
@@ -43,6 +45,12 @@ def build_parser():
     p.add_argument("--device", default="cpu", help="'cpu' (NumPy) or 'gpu' (CuPy)")
     p.add_argument("--sparsity", type=float, default=None,
                    help="override the trained sparsity at inference; 0 = dense fallback (default: as trained)")
+    p.add_argument("--fallback", default="off", choices=("off", "auto"),
+                   help="auto: score the prompt under the sparse model (its prefill); above the threshold that "
+                        "evaluate.py calibrated on in-distribution text, decode dense instead, and say so")
+    p.add_argument("--calibration", default="",
+                   help="with --fallback auto: the evaluate.py report to take the threshold from "
+                        "(default: OUT_DIR/eval/evaluation.json, or eval-NAME/evaluation.json for a pretrained model)")
     p.add_argument("--kernel", default="auto", choices=("auto", "numba", "chunked", "gather", "masked"),
                    help="how a sparse projection is computed when decoding: read only the selected weight "
                         "rows (numba; chunked NumPy; gather, the reference; with --device gpu any of these runs "
@@ -88,10 +96,16 @@ def run(args):
     if args.reference and kernel == "auto":
         kernel = "masked"
     fast = None if spec.dense or kernel == "masked" else DecodeWeights(params, cfg, kernel)
+    on_prefill, decision = None, {}
+    if args.fallback == "auto":
+        on_prefill = fallback_hook(args, cfg, spec, tok, ids, text != args.prompt, decision)
     t0 = time.perf_counter()
     out = generate(params, cfg, prompt, args.max_new_tokens, args.temperature, args.top_k or None,
                    np.random.default_rng(args.seed), spec, meter, fast, stop_id,
-                   model.REFERENCE if args.reference else FAST)
+                   model.REFERENCE if args.reference else FAST, on_prefill)
+    if decision.get("dense"):
+        spec = cfg.spec_at(0.0)
+        run_cfg = model.GPTConfig(**{**cfg.to_dict(), "sparsity": 0.0, "nm": None})
     dt = time.perf_counter() - t0
     for i, row in enumerate(out):
         if args.num_samples > 1:
@@ -114,6 +128,30 @@ def run(args):
           f"{model.activated_params(run_cfg, per_layer):,} measured, of N = {model.count_params(cfg):,} "
           "(embedding and head excluded)", file=sys.stderr)
     print("measured sparsity per site: " + ", ".join(f"{k} {v:.2f}" for k, v in measured.items()), file=sys.stderr)
+
+
+def fallback_hook(args, cfg, spec, tok, ids, templated, decision):
+    """The on_prefill of --fallback auto: decide from the prompt's loss, print the path taken."""
+    if spec.dense:
+        raise UsageError("--fallback auto needs a sparse model or --sparsity above 0: this one decodes dense.")
+    setting = ev.uniform(cfg, spec.sparsity, spec.nm).label
+    path = args.calibration or os.path.join(ev.default_report_dir(args.init_from or args.out_dir), "evaluation.json")
+    rule = ev.FallbackRule(path, setting)
+    span = ev.find_span(ids, tok.encode(args.prompt)) if templated else None    # the user's text only
+
+    def on_prefill(logits, prefill_ids):
+        if len(prefill_ids[0]) != len(ids):
+            return None                                 # a prompt longer than the context: not scored
+        dense, loss, threshold, n = rule.decide(logits[0], prefill_ids[0], span)
+        decision["dense"] = dense
+        how = (f"prompt loss {loss:.3f} nats/token over {n} tokens, threshold {threshold:.3f} "
+               f"(the {rule.quantile:.0%} quantile of in-distribution prompts at {setting})")
+        print(f"fallback: {how}: " + ("decoding dense" if dense else f"decoding sparse ({setting})")
+              if n >= 2 else f"fallback: a prompt of {n} token cannot be scored: decoding sparse ({setting})",
+              file=sys.stderr)
+        return cfg.spec_at(0.0) if dense else None
+
+    return on_prefill
 
 
 def main(argv=None):

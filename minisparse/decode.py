@@ -45,6 +45,9 @@ class SparsityMeter:
     many tokens counts as many tokens, not as one call."""
 
     def __init__(self):
+        self.reset()
+
+    def reset(self):
         self.zeros = {s: 0.0 for s in SITES}
         self.tokens = {s: 0 for s in SITES}
 

@@ -36,11 +36,14 @@ def sample_next(logits, temperature, top_k, rng):
 
 
 def generate(params, cfg, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, rng=None,
-             spec=None, meter=None, fast=None, stop_id=None, ops=REFERENCE):
+             spec=None, meter=None, fast=None, stop_id=None, ops=REFERENCE, on_prefill=None):
     """prompt_ids (B, T0) ints -> (B, T0 + n) ints, as a NumPy array, n <= max_new_tokens.
 
     fast: a fast.decode.DecodeWeights, to read only the selected weight rows; ops: model.Ops.
-    stop_id: a token (end of turn) after which a row is done; generation ends when every row is."""
+    stop_id: a token (end of turn) after which a row is done; generation ends when every row is.
+    on_prefill: called once with the prompt's logits (B, T0, V) and its ids (B, T0); it may return another spec (the dense
+    fallback), and then the prompt is run again with that spec, without `fast`, and decoding goes on
+    with it."""
     if not temperature >= 0:                      # also rejects nan
         raise UsageError(f"temperature {temperature!r} is not allowed: it must be >= 0 (0 = greedy).")
     if max_new_tokens < 0:
@@ -53,11 +56,12 @@ def generate(params, cfg, prompt_ids, max_new_tokens, temperature=1.0, top_k=Non
     xp = array_module(params["wte"])
     with fast.quiet() if fast is not None else contextlib.nullcontext():   # BLAS settings for its kernels
         out = _decode_loop(params, cfg, out, max_new_tokens, temperature, top_k, rng, spec, meter, fast, xp,
-                           stop_id, ops)
+                           stop_id, ops, on_prefill)
     return out
 
 
-def _decode_loop(params, cfg, out, max_new_tokens, temperature, top_k, rng, spec, meter, fast, xp, stop_id, ops):
+def _decode_loop(params, cfg, out, max_new_tokens, temperature, top_k, rng, spec, meter, fast, xp, stop_id, ops,
+                 on_prefill=None):
     kv = None
     done = np.zeros(out.shape[0], dtype=bool)
     for _ in range(max_new_tokens):
@@ -66,6 +70,13 @@ def _decode_loop(params, cfg, out, max_new_tokens, temperature, top_k, rng, spec
             keep = cfg.block_size if kv is None else cfg.block_size // 2
             kv = new_cache(params, cfg, out.shape[0])
             logits = decode_forward(params, cfg, xp.asarray(out[:, -keep:]), kv, spec, meter, fast, ops)
+            switch = on_prefill(logits, out[:, -keep:]) if on_prefill is not None else None
+            on_prefill = None                                 # the prompt only, not a refill
+            if switch is not None:                           # the cache holds the old spec's keys: redo it
+                spec, fast = switch, None
+                meter.reset()                                 # count what the new spec computes
+                kv = new_cache(params, cfg, out.shape[0])
+                logits = decode_forward(params, cfg, xp.asarray(out[:, -keep:]), kv, spec, meter, fast, ops)
         else:
             logits = decode_forward(params, cfg, xp.asarray(out[:, -1:]), kv, spec, meter, fast, ops)
         nxt = sample_next(to_numpy(logits[:, -1, :]), temperature, top_k, rng)
