@@ -12,7 +12,17 @@ memory, so the bytes read are what count. Entries that are already zero (ReLU2's
 either: idx holds the nonzeros of xs, at most K.
 
 Several weights sharing one input (q, k, v) are concatenated input-major, Wt = [W_1^T ... W_n^T],
-so one selection serves them all. This file is the readable reference: `Wt[idx]` copies the K
+so one selection serves them all.
+
+A batch of B tokens (batched decoding: one token of each of B sequences) reads each row once
+for all the tokens that use it: the rows needed are the union of the tokens' selections,
+
+    u = {d : xs[b, d] != 0 for some b}          y = xs[:, u] @ Wt[u]         xs: (B, D), y: (B, O)
+
+|u| grows with B towards D (benchmarks/batch_union.py measures it), so the saving shrinks as the
+batch grows; tokens that did not select a row of u multiply it by their zero.
+
+This file is the readable reference: `Wt[idx]` copies the K
 rows before the product. minisparse/fast/rowsparse.py has the kernels that read each row once
 (numba on the CPU, CUDA on the GPU), tested equal to these functions.
 """
@@ -39,3 +49,18 @@ def sparse_rows_matvec(x, spec, Wt):
     xs = quantized_input(x[None], spec)[0][0]                    # (D,)
     idx = array_module(x).flatnonzero(xs)                        # (<= K,) ascending
     return rows_matvec(xs[idx], idx, Wt), int(idx.shape[0])
+
+
+def union_rows_matmul(xs, Wt):
+    """Several tokens' sparsified inputs xs (B, D): y = xs @ Wt reading only the union of their
+    nonzero rows, each once. Returns y (B, O) and the rows read, |u|."""
+    xp = array_module(xs)
+    u = xp.flatnonzero((xs != 0).any(axis=0))                  # (|u|,) ascending
+    return xs[:, u] @ Wt[u], int(u.shape[0])
+
+
+def sparse_rows_matmul(x, spec, Wt):
+    """Several tokens x (B, D): each row sparsified (and quantized) by spec as in sparse_rows_matvec,
+    then union_rows_matmul. Returns y (B, O) and the rows read."""
+    xs = quantized_input(x, spec)[0]                             # (B, D)
+    return union_rows_matmul(xs, Wt)

@@ -286,3 +286,89 @@ def test_cuda_decode_with_rowsparse_weights_equals_masked_product(activation, nm
         np.testing.assert_allclose(cupy.asnumpy(b), cupy.asnumpy(a), rtol=1e-4, atol=1e-5)
     for site in meter_a.mean():
         assert meter_b.mean()[site] == pytest.approx(meter_a.mean()[site], abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- batches: the union of the rows
+
+def test_union_reference_reads_each_needed_row_once_and_equals_the_masked_product():
+    """B tokens: the rows read are exactly those some token kept, and y equals xs @ Wt."""
+    rng = np.random.default_rng(4)
+    W, _, _ = case(64, (40, 24), 0, dtype=np.float64)
+    Wt = rowsparse.input_major(W)
+    x = rng.standard_normal((5, 64))
+    xs = x * (rng.random((5, 64)) < 0.2)                     # ~1 - 0.8^5 = 67% of the rows needed
+    xs[:, 10] = 0.0                                          # a row no token kept is not read
+    y, read = rowsparse.union_rows_matmul(xs, Wt)
+    assert read == int(np.count_nonzero(np.abs(xs).sum(axis=0))) < 64
+    np.testing.assert_allclose(y, np.concatenate([xs @ w.T for w in W], axis=1), rtol=1e-12, atol=1e-12)
+    y2, read2 = rowsparse.sparse_rows_matmul(x, SparseSpec(0.75), Wt)
+    xs2 = x * (np.abs(x) >= np.sort(np.abs(x), axis=1)[:, -16:-15])   # the top 16 of each row (no ties)
+    assert read2 == int(np.count_nonzero(np.abs(xs2).sum(axis=0)))
+    np.testing.assert_allclose(y2, xs2 @ Wt, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", CPU_METHODS)
+@pytest.mark.parametrize("B,D,O", [(2, 64, 48), (3, 256, 300), (7, 128, 4097), (16, 96, 20)])
+def test_union_methods_equal_reference(method, B, D, O):
+    """Every kind of row (ties, ReLU2's zeros, all zero, identical, constant), batches whose union is
+    not a multiple of the kernel's 4 rows, and output widths that split into uneven tiles."""
+    rng = np.random.default_rng(B + D + O)
+    Wt = rng.standard_normal((D, O)).astype(np.float32)
+    for kind, rows in row_kinds(rng, N=B, D=D):
+        xs = (rows * (rng.random((B, D)) < 0.3)).astype(np.float32)
+        want, want_read = rowsparse.union_rows_matmul(xs, Wt)
+        got, read = frs.union_rows_matmul(xs, Wt, method)
+        assert read == want_read, kind
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=kind)
+
+
+def test_union_unknown_method():
+    with pytest.raises(ValueError, match="not one of"):
+        frs.union_rows_matmul(np.ones((2, 4), np.float32), np.ones((4, 3), np.float32), "no-such-kernel")
+
+
+@pytest.mark.parametrize("method", CPU_METHODS)
+@pytest.mark.parametrize("sparsity,nm", [(0.5, None), (0.0, (2, 4))])
+def test_batch_of_samples_decodes_the_union_and_equals_masked_decode(monkeypatch, method, sparsity, nm):
+    """generate() with 8 samples and max_rows 8: every decode step is one union product per
+    projection (never a per-token loop), with the greedy tokens of the masked product."""
+    cfg = model.GPTConfig(vocab_size=13, block_size=12, n_layer=2, n_head=2, n_embd=32, sparsity=sparsity, nm=nm)
+    params = model.init_params(cfg, seed=6)
+    prompt = np.random.default_rng(2).integers(0, 13, (8, 1))
+    want = generate(params, cfg, prompt, 6, temperature=0)
+    fast = DecodeWeights(params, cfg, method, max_rows=8)
+    calls = []
+    real = frs.union_rows_matmul if method != "gather" else rowsparse.union_rows_matmul
+    target = "minisparse.fast.rowsparse.union_rows_matmul" if method != "gather" else \
+        "minisparse.rowsparse.union_rows_matmul"
+    monkeypatch.setattr(target, lambda xs, *a: calls.append(xs.shape) or real(xs, *a))
+    monkeypatch.setattr(fast, "select", None)               # the one-token path would fail
+    got = generate(params, cfg, prompt, 6, temperature=0, fast=fast)
+    np.testing.assert_array_equal(got, want)
+    assert calls and set(calls) == {(8, 32), (8, cfg.n_hidden)}
+
+
+def test_decode_weights_keep_one_copy_of_the_weights():
+    """The params' projection weights become views of the input-major Wt: no second copy, same values."""
+    cfg = model.GPTConfig(vocab_size=13, block_size=8, n_layer=2, n_head=2, n_embd=32, sparsity=0.5)
+    params = model.init_params(cfg, seed=1)
+    before = {k: v.copy() for k, v in params.items()}
+    fast = DecodeWeights(params, cfg, "gather")
+    for (l, site), (Wt, sizes) in fast.wt.items():
+        for n in model.SITE_WEIGHTS[site]:
+            W = params[f"h.{l}.{n}"]
+            assert np.shares_memory(W, Wt) and W.base is not None
+            np.testing.assert_array_equal(W, before[f"h.{l}.{n}"])
+    assert len(fast.wt) == 2 * len(model.SITES)
+    idx = np.array([[3, 1, 4, 1, 5, 9]])
+    np.testing.assert_allclose(decode_forward(params, cfg, idx, new_cache(params, cfg, 1)),
+                               decode_forward(before, cfg, idx, new_cache(before, cfg, 1)), rtol=1e-5, atol=1e-6)
+
+
+def test_auto_policy_takes_the_masked_product_past_the_crossover():
+    big = 2 * frs.AUTO_MIN_WEIGHTS
+    m = frs.auto_max_rows(np)
+    assert frs.auto_method(np, big, rows=m) == ("numba" if frs.numba is not None else None)
+    assert frs.auto_method(np, big, rows=m + 1) is None
+    cfg = model.GPTConfig(vocab_size=13, block_size=8, n_layer=1, n_head=2, n_embd=16, sparsity=0.5)
+    assert DecodeWeights(model.init_params(cfg, seed=1), cfg, "gather").max_rows == m

@@ -12,6 +12,12 @@ projections to the masked product (decode.py). A 1.58-bit model (w_bits 1.58, a_
 stores its projections packed, 2 bits a weight (ternary.py), and multiplies INT8 codes by them:
 with numba through fast/ternary.py's kernel, else (and with method "gather") through ternary.py's
 reference. On the GPU it keeps float copies of the ternary weights.
+
+A call of several tokens (a batch of samples) multiplies them together, reading the union of
+their selected rows once (rowsparse.union_rows_matmul; numba's kernel where it is installed).
+Where the weights are used as they are (16 bits), the input-major copy is the only one: the
+model's params entries become views of it, W_i = Wt[:, cols_i].T, so the masked product of a
+prefill or a large batch multiplies the same memory (BLAS reads a transposed view in place).
 """
 
 import contextlib
@@ -24,17 +30,21 @@ from ..linear import quantized_input, quantized_weights
 from ..model import SITE_WEIGHTS
 from . import rowsparse as fast_rowsparse
 from . import ternary as fast_ternary
+from .topk import sparsify as fast_sparsify
 
 
 class DecodeWeights:
-    """Input-major copies Wt (D, sum O_i) of the projections to decode row-sparse, and the method.
+    """Input-major Wt (D, sum O_i) of the projections to decode row-sparse, and the method.
 
-    A copy: it doubles those weights' memory while decoding. max_rows: calls with more tokens
-    than this (a prefill) take the masked product. min_weights: auto_method's threshold."""
+    params' entries of those projections are replaced, in place, by views of Wt (16-bit weights:
+    one copy in memory; 1.58-bit ones keep their latent weights beside the packed or ternarized
+    copy). max_rows: calls with more tokens than this (a prefill, a large batch) take the masked
+    product; None: fast.rowsparse.auto_max_rows, the measured crossover. min_weights: auto_method's
+    threshold."""
 
-    def __init__(self, params, cfg, method="auto", max_rows=4, min_weights=fast_rowsparse.AUTO_MIN_WEIGHTS):
+    def __init__(self, params, cfg, method="auto", max_rows=None, min_weights=fast_rowsparse.AUTO_MIN_WEIGHTS):
         xp = array_module(params["wte"])
-        self.max_rows = max_rows
+        self.max_rows = fast_rowsparse.auto_max_rows(xp) if max_rows is None else max_rows
         self.method = method
         self.ternary = cfg.w_bits == 1.58 and cfg.a_bits == 8 and xp is np     # packed, 2 bits a weight
         self.wt = {}                           # (layer, site) -> (Wt or TernaryWeights, [O_i]); absent: masked
@@ -52,7 +62,14 @@ class DecodeWeights:
                     self.wt[l, site] = (packed, packed.sizes)
                 else:                          # ternarized in float if 1.58-bit (GPU), else as they are
                     Wq = quantized_weights(Ws, cfg.spec)
-                    self.wt[l, site] = (rowsparse.input_major(Wq), [W.shape[0] for W in Wq])
+                    Wt = rowsparse.input_major(Wq)
+                    self.wt[l, site] = (Wt, [W.shape[0] for W in Wq])
+                    if cfg.w_bits == 16:       # the masked product reads Wt too: drop the (O, D) copy
+                        start = 0
+                        for n, W in zip(names, Ws):
+                            params[f"h.{l}.{n}"] = Wt[:, start:start + W.shape[0]].T      # (O_i, D) view
+                            start += W.shape[0]
+                    del Ws, Wq
         self._warm_up(xp)
 
     def _warm_up(self, xp):
@@ -93,14 +110,23 @@ class DecodeWeights:
         return fast_rowsparse.nm_rows_matvec(row, spec.nm[0], spec.nm[1], wt, self.method)
 
     def project(self, l, site, x, spec):
-        """x (B, T, D) -> ([y_i (B, T, O_i)], rows read): each token reads only its selected rows.
-        The count is an int, or on the GPU a device scalar (reading it would sync)."""
+        """x (B, T, D) -> ([y_i (B, T, O_i)], kept): each token reads only its selected rows; several
+        tokens read the union of theirs once. kept: the inputs kept, summed over the tokens (what
+        the sparsity meter counts), an int, or on the GPU a device scalar (reading it would sync)."""
         wt, sizes = self.wt[l, site]
         B, T, D = x.shape
         xs = x.reshape(B * T, D)                                        # (N, D)
         if B * T == 1:                         # one token, the usual decode step: no copy, no sum
             y, read = self.select(xs[0], spec, wt)
             y = y[None]
+        elif not self.ternary and array_module(x) is np:       # several tokens: their union, read once
+            if self.method == "gather":        # the reference, selection included (rowsparse.py)
+                xq = quantized_input(xs, spec)[0]                           # (N, D)
+                y = rowsparse.union_rows_matmul(xq, wt)[0]
+            else:
+                xq = quantized_input(xs, spec, fast_sparsify)[0]
+                y = fast_rowsparse.union_rows_matmul(xq, wt, self.method)[0]
+            read = int(np.count_nonzero(xq))
         else:                                  # each token its own rows (GPU: no sync for top-K)
             y = array_module(x).empty((B * T, sum(sizes)), dtype=x.dtype)
             read = 0

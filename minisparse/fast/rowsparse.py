@@ -3,6 +3,7 @@
     rows_matvec(vals, idx, Wt, method)        equals rowsparse.rows_matvec(vals, idx, Wt)
     topk_rows_matvec(x, k, Wt, method)        equals rowsparse.sparse_rows_matvec(x, SparseSpec(S), Wt)
     nm_rows_matvec(x, keep, block, Wt, method) equals rowsparse.sparse_rows_matvec(x, SparseSpec(nm=...), Wt)
+    union_rows_matmul(xs, Wt, method)         equals rowsparse.union_rows_matmul(xs, Wt): B tokens at once
     up to float32 rounding (tests/test_rowsparse.py, on every method), with K = kept_count(D, S)
 
 The reference `vals @ Wt[idx]` copies the K selected rows to a new (K, O) array, then BLAS reads
@@ -18,7 +19,8 @@ On CuPy arrays the CUDA kernels of rowsparse.cu run instead, whatever the method
 on the device, so that a decode step never waits for the host. `radix_select` is that kernel's
 selection written in NumPy, so that it can be read and tested without a GPU.
 
-`auto_sites` is the one place that says which projections `--kernel auto` decodes row-sparse.
+`auto_method` is the one place that says which projections `--kernel auto` decodes row-sparse,
+and up to which batch.
 """
 
 import contextlib
@@ -28,6 +30,7 @@ import numpy as np
 
 from ..backend import array_module
 from ..rowsparse import rows_matvec as rows_matvec_gather
+from ..rowsparse import union_rows_matmul as union_rows_matmul_gather
 from .runtime import blas_threads
 from .topk import topk_nonzero
 
@@ -82,6 +85,72 @@ if numba is not None:
                     acc[j] += v * r[j]
                 k += 1
         return y
+
+
+if numba is not None:
+    @numba.njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
+    def _numba_union_matmul(vals, idx, Wt, y, tile):
+        # The batched kernel: as _numba_rows_matvec, with B accumulators per output tile. Each
+        # selected row segment is read from memory once and added, with each token's value, to
+        # every token's partial sum; B * tile floats of sums stay in L1/L2 while the rows stream.
+        B, O = y.shape
+        K = idx.shape[0]
+        for t in numba.prange((O + tile - 1) // tile):
+            j0 = t * tile
+            j1 = min(O, j0 + tile)
+            for b in range(B):
+                y[b, j0:j1] = 0
+            k = 0
+            while k + 4 <= K:
+                r0, r1 = Wt[idx[k], j0:j1], Wt[idx[k + 1], j0:j1]
+                r2, r3 = Wt[idx[k + 2], j0:j1], Wt[idx[k + 3], j0:j1]
+                for b in range(B):
+                    v0, v1, v2, v3 = vals[k, b], vals[k + 1, b], vals[k + 2, b], vals[k + 3, b]
+                    acc = y[b, j0:j1]
+                    for j in range(j1 - j0):
+                        acc[j] += v0 * r0[j] + v1 * r1[j] + v2 * r2[j] + v3 * r3[j]
+                k += 4
+            while k < K:
+                r = Wt[idx[k], j0:j1]
+                for b in range(B):
+                    v = vals[k, b]
+                    acc = y[b, j0:j1]
+                    for j in range(j1 - j0):
+                        acc[j] += v * r[j]
+                k += 1
+        return y
+
+
+def _tiles(O, tile):
+    """A tile width for O outputs: a multiple of the thread count of equal tiles, each at most
+    `tile` wide, so every thread gets the same share (3 tiles on 2 threads would leave one idle
+    a third of the time)."""
+    P = numba.get_num_threads()
+    n_tiles = P * -(-O // (P * tile))
+    return max(16, -(-O // n_tiles))
+
+
+def union_rows_matmul_numba(xs, Wt, tile=0):
+    """rowsparse.union_rows_matmul with the compiled kernel: xs (B, D) sparsified -> (y (B, O), |u|).
+    tile 0: B tokens' sums of one tile kept to about 32 KB (at most 4096 outputs, at least 256)."""
+    if numba is None:
+        raise RuntimeError("the 'numba' method needs numba: pip install numba")
+    B, O = xs.shape[0], Wt.shape[1]
+    u = np.flatnonzero((xs != 0).any(axis=0))                    # (|u|,) the union, ascending
+    vals = np.ascontiguousarray(xs[:, u].T, dtype=Wt.dtype)      # (|u|, B): one row's B values together
+    tile = _tiles(O, tile or min(4096, max(256, 8192 // B)))
+    y = np.empty((B, O), dtype=Wt.dtype)
+    return _numba_union_matmul(vals, u, Wt, y, tile), int(u.shape[0])
+
+
+def union_rows_matmul(xs, Wt, method="auto"):
+    """rowsparse.union_rows_matmul by `method` (one of METHODS): numba's kernel, else the reference
+    (NumPy's gather copies the union's rows, which is what 'chunked' avoids only for one token)."""
+    if array_module(Wt) is np and (method == "numba" or (method == "auto" and numba is not None)):
+        return union_rows_matmul_numba(xs, Wt)
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not one of {METHODS}")
+    return union_rows_matmul_gather(xs, Wt)
 
 
 def rows_matvec_numba(vals, idx, Wt, tile=4096):
@@ -256,22 +325,33 @@ def best_method():
 
 
 AUTO_MIN_WEIGHTS = 2 ** 17       # the fewest weights (D x sum O_i) at which numba's kernel pays
+AUTO_MAX_ROWS = {"cpu": 4, "gpu": 4}   # the most tokens per call at which the row-sparse product pays
 
 
-def auto_method(xp, n_weights, min_weights=AUTO_MIN_WEIGHTS):
-    """What `--kernel auto` decodes a projection of n_weights = D x sum O_i weights with: a method
-    of METHODS, or None for the masked dense product. This is the one statement of the policy; it
-    follows the measurements in benchmarks/RESULTS.md:
+def auto_method(xp, n_weights, min_weights=AUTO_MIN_WEIGHTS, rows=1):
+    """What `--kernel auto` decodes a projection of n_weights = D x sum O_i weights with, for calls
+    of `rows` tokens: a method of METHODS, or None for the masked dense product. This is the one
+    statement of the policy; it follows the measurements in benchmarks/RESULTS.md:
+      - calls of more than auto_max_rows(xp) tokens (a prefill, a large batch): None. The union
+        of the rows B tokens select approaches all of them as B grows (benchmarks/batch_union.py),
+        and the dense product of the masked input is then as fast (benchmarks/batch_decode.py);
       - on the GPU, the CUDA kernels, for every projection;
       - on the CPU with numba, its kernel for projections of at least `min_weights` weights; below
         that, the kernel's fixed cost per call is about what it saves;
       - on the CPU without numba, None everywhere: NumPy's row gathers ('chunked') are slower than
         the masked product at every size measured."""
+    if rows > auto_max_rows(xp):
+        return None
     if xp is not np:
         return "auto"
     if numba is None or n_weights < min_weights:
         return None
     return "numba"
+
+
+def auto_max_rows(xp):
+    """The most tokens one call may have for auto_method to take a row-sparse product."""
+    return AUTO_MAX_ROWS["cpu" if xp is np else "gpu"]
 
 
 def rows_matvec(vals, idx, Wt, method="auto"):
