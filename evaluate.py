@@ -25,7 +25,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from minisparse import backend, evaluate as ev
+from minisparse import backend, evaluate as ev, model
 from minisparse.data import load_text, split_ids
 from minisparse.errors import UsageError
 from minisparse.fast import FAST
@@ -185,6 +185,7 @@ def run_ab(args):
             plan = ev.uniform(cfg, cfg.sparsity, cfg.nm, label="as trained")
         else:
             (s, nm), = parse_settings(setting)
+            model.GPTConfig(**{**cfg.to_dict(), "sparsity": s, "nm": nm})
             plan = ev.uniform(cfg, s, nm)
         models.append((src, params, cfg, tok, default_data, plan))
     ids = [text_ids(m[3], args.data, m[4]) for m in models]
@@ -233,6 +234,8 @@ def run(args):
     trained = (cfg.sparsity, cfg.nm)
     if trained not in settings and trained != (0.0, None):
         settings.append(trained)
+    for s, nm in settings:                                   # each setting checked against this model
+        model.GPTConfig(**{**cfg.to_dict(), "sparsity": s, "nm": nm})
     plans = [ev.uniform(cfg, s, nm) for s, nm in settings]
     labels = [p.label for p in plans]
     plans = [p for i, p in enumerate(plans) if p.label not in labels[:i]]         # each setting once

@@ -140,9 +140,8 @@ def fallback_hook(args, cfg, spec, tok, ids, templated, decision):
     span = ev.find_span(ids, tok.encode(args.prompt)) if templated else None    # the user's text only
 
     def on_prefill(logits, prefill_ids):
-        if len(prefill_ids[0]) != len(ids):
-            return None                                 # a prompt longer than the context: not scored
-        dense, loss, threshold, n = rule.decide(logits[0], prefill_ids[0], span)
+        whole = len(prefill_ids[0]) == len(ids)          # else the context holds the prompt's last part
+        dense, loss, threshold, n = rule.decide(logits[0], prefill_ids[0], span if whole else None)
         decision["dense"] = dense
         how = (f"prompt loss {loss:.3f} nats/token over {n} tokens, threshold {threshold:.3f} "
                f"(the {rule.quantile:.0%} quantile of in-distribution prompts at {setting})")
