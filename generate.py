@@ -136,7 +136,7 @@ def fallback_hook(args, cfg, spec, tok, ids, templated, decision):
         raise UsageError("--fallback auto needs a sparse model or --sparsity above 0: this one decodes dense.")
     setting = ev.uniform(cfg, spec.sparsity, spec.nm).label
     path = args.calibration or os.path.join(ev.default_report_dir(args.init_from or args.out_dir), "evaluation.json")
-    rule = ev.FallbackRule(path, setting)
+    rule = ev.FallbackRule.from_report(path, setting)
     span = ev.find_span(ids, tok.encode(args.prompt)) if templated else None    # the user's text only
 
     def on_prefill(logits, prefill_ids):

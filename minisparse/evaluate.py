@@ -23,6 +23,7 @@ sensitivity curves measured on a calibration set, and `fallback_thresholds` cali
 prompt-loss rule of generate.py --fallback auto.
 """
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -366,8 +367,12 @@ class FallbackRule:
     prompt of that length (the `quantile` of in-distribution prompts). Above it, the prompt is taken as
     shifted and decoded dense."""
 
-    def __init__(self, report_path, setting):
-        import json
+    def __init__(self, thresholds, quantile, setting):
+        self.thresholds, self.quantile, self.setting = thresholds, quantile, setting
+
+    @classmethod
+    def from_report(cls, report_path, setting):
+        """The rule for `setting` (a plan label such as 'S=0.5') from an evaluate.py report."""
         try:
             with open(report_path) as f:
                 report = json.load(f)
@@ -381,9 +386,7 @@ class FallbackRule:
         if setting not in entry:
             raise UsageError(f"--calibration {report_path!r} has no thresholds for {setting}, only for "
                              f"{', '.join(entry) or 'none'}: run evaluate.py --sparsity with it.")
-        self.thresholds = entry[setting]["thresholds"]
-        self.quantile = entry[setting]["quantile"]
-        self.setting = setting
+        return cls(entry[setting]["thresholds"], entry[setting]["quantile"], setting)
 
     def decide(self, logits, ids, span=None):
         """logits (T0, V), ids (T0,) of one prompt; span (start, stop): the positions to score (the

@@ -177,7 +177,7 @@ def test_fallback_thresholds_are_quantiles_of_prompt_losses():
 def test_fallback_rule_scores_the_prompt_span(tmp_path):
     path = tmp_path / "evaluation.json"
     path.write_text(json.dumps({"fallback": {"S=0.5": {"quantile": 0.95, "thresholds": {"2": 1.0, "8": 1.5}}}}))
-    rule = ev.FallbackRule(str(path), "S=0.5")
+    rule = ev.FallbackRule.from_report(str(path), "S=0.5")
     V = 5
     ids = np.array([0, 1, 2, 3, 4, 0, 1, 2, 3, 4])
     logits = np.zeros((10, V))                                  # uniform: every token costs log 5
@@ -190,12 +190,12 @@ def test_fallback_rule_scores_the_prompt_span(tmp_path):
     assert n == 3 and threshold == 1.0
     assert ev.find_span(ids, [2, 3]) == (7, 9) and ev.find_span(ids, [4, 4]) is None
     with pytest.raises(UsageError, match="no thresholds for S=0.3"):
-        ev.FallbackRule(str(path), "S=0.3")
+        ev.FallbackRule.from_report(str(path), "S=0.3")
     with pytest.raises(UsageError, match="does not exist"):
-        ev.FallbackRule(str(tmp_path / "none.json"), "S=0.5")
+        ev.FallbackRule.from_report(str(tmp_path / "none.json"), "S=0.5")
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(UsageError, match="not an evaluate.py report"):
-        ev.FallbackRule(str(tmp_path / "bad.json"), "S=0.5")
+        ev.FallbackRule.from_report(str(tmp_path / "bad.json"), "S=0.5")
 
 
 # ----------------------------------------------------------------------------- the programs
