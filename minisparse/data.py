@@ -36,6 +36,7 @@ batch stream exactly.
 import hashlib
 import http.client
 import os
+import re
 import tempfile
 import urllib.error
 import urllib.request
@@ -187,13 +188,21 @@ class CharTokenizer:
 
     kind = "char"
 
-    def __init__(self, chars: list[str]):
+    def __init__(self, chars: list[str], specials: list[str] = ()):
         if len(chars) == 0 or any(not isinstance(c, str) or len(c) != 1 for c in chars):
             raise UsageError("a char tokenizer needs a non-empty list of single characters.")
         if len(set(chars)) != len(chars):
             raise UsageError("a char tokenizer's characters must be distinct.")
         self.chars = list(chars)
         self.stoi = {c: i for i, c in enumerate(self.chars)}
+        # whole strings with one id each after the characters (a chat template's turn markers, sft.py)
+        self.specials = list(specials)
+        self.stoi.update({t: len(self.chars) + i for i, t in enumerate(self.specials)})
+        self._split = re.compile("(" + "|".join(map(re.escape, self.specials)) + ")") if self.specials else None
+
+    def with_specials(self, tokens: list[str]) -> "CharTokenizer":
+        """This tokenizer with `tokens` added, each one id, after the existing ones."""
+        return CharTokenizer(self.chars, self.specials + list(tokens))
 
     @classmethod
     def train(cls, text: str) -> "CharTokenizer":
@@ -203,9 +212,15 @@ class CharTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return len(self.chars)
+        return len(self.chars) + len(self.specials)
 
     def encode(self, text: str) -> list[int]:
+        if self._split is not None:                # specials first, then the text between them by character
+            return [i for part in self._split.split(text) if part
+                    for i in ([self.stoi[part]] if part in self.specials else self.encode_chars(part))]
+        return self.encode_chars(text)
+
+    def encode_chars(self, text: str) -> list[int]:
         try:
             return [self.stoi[c] for c in text]
         except KeyError:
@@ -218,14 +233,18 @@ class CharTokenizer:
             ) from None
 
     def decode(self, ids) -> str:
-        return "".join(self.chars[i] for i in _check_ids(ids, self.vocab_size))
+        vocab = self.chars + self.specials
+        return "".join(vocab[i] for i in _check_ids(ids, self.vocab_size))
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "chars": list(self.chars)}
+        d = {"kind": self.kind, "chars": list(self.chars)}
+        if self.specials:
+            d["specials"] = list(self.specials)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "CharTokenizer":
-        return cls(list(d["chars"]))
+        return cls(list(d["chars"]), list(d.get("specials", [])))
 
 
 class BPETokenizer:
@@ -269,6 +288,14 @@ class BPETokenizer:
 
     def decode(self, ids) -> str:
         return self.tok.decode(_check_ids(ids, self.vocab_size), skip_special_tokens=False)
+
+    def with_specials(self, tokens: list[str]) -> "BPETokenizer":
+        """A copy with `tokens` added as special tokens, each one id, never split (sft.py's markers)."""
+        from tokenizers import AddedToken, Tokenizer
+
+        tok = Tokenizer.from_str(self.tok.to_str())
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
+        return BPETokenizer(tok)
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "tokenizer_json": self.tok.to_str()}

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from . import backend, model
+from . import backend, model, sft
 from .fast import FAST, parallel
 from .fast.runtime import retain_freed_memory
 from .checkpoint import check_params, load_checkpoint, save_checkpoint
@@ -39,6 +39,7 @@ from .errors import UsageError
 from .flags import given_values, option
 from .model import GPTConfig
 from .optimizer import AdamW, clip_grad_norm
+from .loss import IGNORE
 from .pretrained import is_pretrained_source, load_gguf
 from .schedule import lr_at
 
@@ -78,6 +79,10 @@ class TrainConfig:
                                 "from a pretrained model: 'smollm2' (SmolLM2-135M-Instruct) or a "
                                 "LLaMA-family .gguf file")
     resume: bool = option(False, "continue this out_dir's interrupted run exactly where it stopped")
+    sft: str = option("", "supervised finetuning of the --init_from model on instruction data, the loss on "
+                          "the responses only (sft.py): 'tasks' (checkable templated tasks), 'pydoc' (the "
+                          "docs as Q&A), 'mix' (both) or a .jsonl file of prompt/response objects. Unless "
+                          "given: one epoch, warmup 3% of the steps, cosine to 0, no weight decay")
 
     @classmethod
     def from_flags(cls, given):
@@ -117,6 +122,9 @@ class TrainConfig:
                 raise UsageError(f"--{name} {v!r} is not allowed: it must be in [0, 1).")
         if self.device not in ("cpu", "gpu"):
             raise UsageError(f"--device {self.device!r} is not known: use 'cpu' or 'gpu'.")
+        if self.sft and not (self.init_from or self.resume):
+            raise UsageError(f"--sft {self.sft!r} needs --init_from: finetuning starts from a trained model "
+                             "(a run's out_dir, 'smollm2' or a .gguf file).")
         if self.resume and self.init_from:
             raise UsageError("--resume and --init_from cannot be used together: resume continues this "
                              "out_dir's run, init_from starts a new run from another's weights.")
@@ -168,6 +176,43 @@ def estimate_loss(params, cfg, data, tc, it, ops=model.REFERENCE):
     return out
 
 
+def estimate_sft_loss(params, cfg, examples, tc, ops=model.REFERENCE):
+    """estimate_loss for finetuning: the mean loss over the response tokens of the first
+    eval_iters * batch_size examples of each split (sft.Encoded), evenly spaced through it (the sets
+    list their kinds one after another), every counted token weighing the same, and the sparsity
+    measured on them."""
+    out = {}
+    n_examples = tc.eval_iters * tc.batch_size
+    for split, encoded in examples.items():
+        total, count, zeros, n_batches = 0.0, 0, {site: 0.0 for site in model.SITES}, 0
+        spread = encoded[::max(1, len(encoded) // n_examples)][:n_examples]
+        for x, y in sft.batches_in_order(spread, tc.batch_size):
+            _, loss, caches = model.forward(params, cfg, backend.asarray(x), backend.asarray(y), ops)
+            counted = int((y != IGNORE).sum())
+            total, count, n_batches = total + float(loss) * counted, count + counted, n_batches + 1
+            for site, frac in model.mean_sparsity(cfg, caches).items():
+                zeros[site] += frac
+            del caches
+        out[split] = total / max(count, 1)
+        out[split + "_sparsity"] = {site: z / max(n_batches, 1) for site, z in zeros.items()}
+    return out
+
+
+def _sft_start(tc, tok, params, src_cfg, src_meta, pretrained):
+    """The chat template, tokenizer and weights a finetuning run starts with: a pretrained model's
+    tokenizer must have the template's markers; a tiny model's gets them added, and its embedding
+    the rows for them (sft.py)."""
+    template = sft.template_of(src_meta)
+    if pretrained:
+        template = sft.SMOLLM2 if tc.init_from == "smollm2" else sft.TINY
+        for m in template.markers():
+            sft.marker_id(tok, m)                   # raises, in one sentence, for a missing marker
+        return template, tok, params
+    template = template or sft.TINY
+    tok = sft.add_markers(tok, template)
+    return template, tok, sft.grow_embeddings(params, src_cfg, tok.vocab_size)
+
+
 def read_metrics(out_dir):
     """(training lines, evaluation lines) of a run's metrics.jsonl, each a list of dicts."""
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
@@ -197,11 +242,10 @@ def train(tc, given=(), progress=True, log=print):
     backend.set_device(tc.device)
     if not tc.reference:
         retain_freed_memory()          # no page faults from re-allocating activations (fast/runtime.py)
-    os.makedirs(tc.out_dir, exist_ok=True)
     path = ckpt_path(tc.out_dir)
     metrics_path = os.path.join(tc.out_dir, "metrics.jsonl")
 
-    opt_state, start_iter, rng_state, saved_threads = None, 0, None, None
+    opt_state, start_iter, rng_state, saved_threads, template = None, 0, None, None, None
     if tc.resume:
         params, opt_state, cfg, tok, meta = load_run(tc.out_dir)
         try:
@@ -219,6 +263,7 @@ def train(tc, given=(), progress=True, log=print):
         saved.resume, saved.out_dir = True, tc.out_dir
         tc = saved
         start_iter, rng_state, saved_threads = meta["iter"], meta["rng"], meta.get("threads")
+        template = sft.template_of(meta)
         if tc.max_iters < start_iter:
             raise UsageError(f"--max_iters {tc.max_iters} is below the {start_iter} steps this run has "
                              "already taken: give a larger --max_iters to continue it.")
@@ -229,22 +274,46 @@ def train(tc, given=(), progress=True, log=print):
         check_params(opt_state["m"], shapes, path)
         check_params(opt_state["v"], shapes, path)
     elif tc.init_from:
+        src_meta = {}
         if is_pretrained_source(tc.init_from):                     # a GGUF file (pretrained.py)
             params, src_cfg, tok, _ = load_gguf(tc.init_from, block_size=tc.model.block_size)
         else:
-            params, _, src_cfg, tok, _ = load_run(tc.init_from)
+            params, _, src_cfg, tok, src_meta = load_run(tc.init_from)
         for name in ARCH_FIELDS:          # the architecture comes with the weights
             if name in given and tc.get(name) != getattr(src_cfg, name):
                 raise UsageError(f"--{name} {tc.get(name)!r} does not match the weights in "
                                  f"{tc.init_from!r} ({getattr(src_cfg, name)!r}): drop the flag to use theirs.")
         tc.model = replace(tc.model, **{name: getattr(src_cfg, name) for name in ARCH_FIELDS})
         tc.tokenizer = tok.kind
-    text = load_text(tc.data)
-    if not (tc.resume or tc.init_from):
-        tok = train_tokenizer(text, tc.tokenizer, tc.model.vocab_size)
-    train_ids, val_ids = split_ids(tok.encode(text))
-    check_split_lengths(train_ids, val_ids, tc.model.block_size)
-    data = {"train": train_ids, "val": val_ids}
+        if tc.sft:
+            template, tok, params = _sft_start(tc, tok, params, src_cfg, src_meta,
+                                               is_pretrained_source(tc.init_from))
+    if tc.sft:                       # examples (sft.py): prompt + response, the loss on the response
+        sets = sft.load_set(tc.sft)
+        data = {split: sft.encode_all(tok, template, sets[split], tc.model.block_size, split)
+                for split in ("train", "test")}
+        data["val"] = data.pop("test")
+        if not data["val"]:
+            raise UsageError(f"the SFT set {tc.sft!r} holds out no test example (every tenth is held out): "
+                             "give it at least 10 examples.")
+        if not tc.resume:            # the paper's SFT recipe, for the settings not given
+            defaults = {"max_iters": sft.steps_per_epoch(len(data["train"]), tc.batch_size),
+                        "weight_decay": 0.0, "min_lr": 0.0}
+            for name, value in defaults.items():
+                if name not in given:
+                    setattr(tc, name, value)
+            if "warmup_iters" not in given:
+                tc.warmup_iters = round(0.03 * tc.max_iters)
+        sizes = (f"SFT set {tc.sft!r}: {len(data['train']):,} training examples, {len(data['val']):,} held out; "
+                 f"{tc.max_iters} steps = {tc.max_iters * tc.batch_size / len(data['train']):.2f} epochs")
+    else:
+        text = load_text(tc.data)
+        if not (tc.resume or tc.init_from):
+            tok = train_tokenizer(text, tc.tokenizer, tc.model.vocab_size)
+        train_ids, val_ids = split_ids(tok.encode(text))
+        check_split_lengths(train_ids, val_ids, tc.model.block_size)
+        data = {"train": train_ids, "val": val_ids}
+        sizes = f"train {len(train_ids):,} tokens, val {len(val_ids):,}"
     cfg = replace(tc.model, vocab_size=tok.vocab_size)           # the model config trained
     if not (tc.resume or tc.init_from):
         params = model.init_params(cfg, seed=tc.seed)
@@ -267,6 +336,7 @@ def train(tc, given=(), progress=True, log=print):
     else:
         threads = tc.threads or parallel.auto_threads(sum(int(p.size) for p in params.values()))
 
+    os.makedirs(tc.out_dir, exist_ok=True)          # only now: a bad input above leaves nothing behind
     kept = _read_metrics(metrics_path, start_iter) if tc.resume else []
     metrics = open(metrics_path, "w")
     metrics.writelines(kept)
@@ -275,6 +345,8 @@ def train(tc, given=(), progress=True, log=print):
         metrics.flush()
         meta = {"model": cfg.to_dict(), "train": tc.to_dict(), "iter": next_iter, "threads": threads,
                 "rng": rng.bit_generator.state, "tokenizer": tok.to_dict()}
+        if template is not None:            # generate.py prompts with it and stops at its end marker
+            meta["sft"] = {"set": tc.sft, "template": template.to_dict()}
         save_checkpoint(path, params, meta, opt.state_dict())
         return next_iter
 
@@ -292,19 +364,20 @@ def train(tc, given=(), progress=True, log=print):
     N, N_a = model.count_params(cfg), model.activated_params(cfg)
     log(f"model: {cfg.n_layer} layers, {cfg.n_embd} channels, vocab {cfg.vocab_size} ({tok.kind}); "
         f"N = {N:,} projection weights, N_a = {N_a:,} per token at sparsity {cfg.overall_sparsity:.2f}; "
-        f"train {len(train_ids):,} tokens, val {len(val_ids):,}")
+        f"{sizes}")
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=tc.max_iters, initial=start_iter, desc="train", dynamic_ncols=True)
     last_saved, last = start_iter, {}
     tok_per_s, stopped, per_layer = None, False, None
-    tokens_per_step = tc.batch_size * cfg.block_size
+    seen = {"tokens": 0, "response_tokens": 0}
     t_start = time.perf_counter()
     try:
         for it in range(start_iter, tc.max_iters + 1):
             if it % tc.eval_interval == 0 or it == tc.max_iters:
-                losses = estimate_loss(params, cfg, data, tc, it, ops)
+                losses = (estimate_sft_loss(params, cfg, data, tc, ops) if tc.sft else
+                          estimate_loss(params, cfg, data, tc, it, ops))
                 if not (math.isfinite(losses["train"]) and math.isfinite(losses["val"])):
                     # never overwrite the last good checkpoint with broken weights
                     raise _diverged("evaluation loss", losses["val"], it, last_saved, path)
@@ -317,7 +390,13 @@ def train(tc, given=(), progress=True, log=print):
             if it == tc.max_iters:
                 break
             t0 = time.perf_counter()
-            x, y = get_batch(train_ids, cfg.block_size, tc.batch_size, rng)
+            if tc.sft:                  # rows of examples, padded; the batch depends on `it` alone
+                x, y = sft.batch_at(data["train"], it, tc.batch_size, tc.seed)
+            else:
+                x, y = get_batch(train_ids, cfg.block_size, tc.batch_size, rng)
+            tokens_per_step = x.size
+            seen["tokens"] += x.size
+            seen["response_tokens"] += int((y != IGNORE).sum())
             x, y = backend.asarray(x), backend.asarray(y)
             if tc.reference:
                 loss, grads, per_layer = model.forward_backward(params, cfg, x, y)
@@ -337,8 +416,11 @@ def train(tc, given=(), progress=True, log=print):
             dt = time.perf_counter() - t0
             tok_per_s = tokens_per_step / dt if tok_per_s is None else 0.9 * tok_per_s + 0.1 * tokens_per_step / dt
             last.update(train_loss=loss, sparsity=sparsity)
-            metrics.write(json.dumps({"iter": it, "train_loss": loss, "lr": lr, "tokens_per_s": tokens_per_step / dt,
-                                      "grad_norm": norm, "sparsity": sparsity}) + "\n")
+            line = {"iter": it, "train_loss": loss, "lr": lr, "tokens_per_s": tokens_per_step / dt,
+                    "grad_norm": norm, "sparsity": sparsity}
+            if tc.sft:
+                line.update(tokens=int(x.size), response_tokens=int((y != IGNORE).sum()))
+            metrics.write(json.dumps(line) + "\n")
             if bar:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_per_s:,.0f}",
@@ -358,4 +440,4 @@ def train(tc, given=(), progress=True, log=print):
     return {"iters": last_saved, "interrupted": stopped, "seconds": time.perf_counter() - t_start,
             "val_loss": last.get("val_loss"), "train_loss": last.get("eval_train_loss"),
             "sparsity": last.get("sparsity"), "N": N, "N_a": N_a, "N_a_measured": measured,
-            "checkpoint": path}
+            "checkpoint": path, **seen}

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Supervised finetuning with Q-Sparse (the paper's Sec. 4.4, at small scale): the runs behind
+# experiments/sft/results.md, then its table (experiments/sft_eval.py).
+#   smollm2: SmolLM2-135M-Instruct finetuned on the 'mix' set (templated tasks + pydoc Q&A),
+#            dense, top-K 40% and 50%, Block Q-Sparse 16:32: the same steps, batches and seed.
+#   tiny:    a tiny model pretrained by train_tiny.py on the built-in corpus, then finetuned on
+#            the 'tasks' set dense and at 50% top-K (minutes).
+# Each run's log LOGDIR/NAME.out holds its evaluations and its "done: ..." line; machine.txt says
+# where and on which commit they ran.
+# Usage: bash experiments/sft_runs.sh [smollm2|tiny|eval|all] [LOGDIR]   (default all, experiments/logs/sft)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WHAT=${1:-all}
+LOG=${2:-experiments/logs/sft}
+mkdir -p "$LOG"
+{ echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"; echo "date: $(date -u +%Y-%m-%d)"
+  python -c "from benchmarks.machine import describe; print('machine:', describe())"; } > "$LOG/machine.txt"
+run() { name=$1; shift; echo "== $name: python train_tiny.py $*"
+        /usr/bin/env time -f "peak memory %M KB, wall %e s" python train_tiny.py "$@" 2> "$LOG/$name.err" | tee "$LOG/$name.out" | tail -1
+        grep -a "peak memory" "$LOG/$name.err" >> "$LOG/$name.out" || true; }
+
+SMOL="--init_from smollm2 --sft mix --batch_size 4 --block_size 128 --max_iters 100 --learning_rate 1e-4 --eval_interval 100 --eval_iters 2"
+if [[ $WHAT == smollm2 || $WHAT == all ]]; then
+  run smollm2-dense  $SMOL --out_dir out-sft-smollm2-dense --sparsity 0
+  run smollm2-s0.4   $SMOL --out_dir out-sft-smollm2-s0.4  --sparsity 0.4
+  run smollm2-s0.5   $SMOL --out_dir out-sft-smollm2-s0.5  --sparsity 0.5
+  run smollm2-nm16-32 $SMOL --out_dir out-sft-smollm2-nm   --nm 16:32
+fi
+TINY="--sft tasks --learning_rate 1e-3 --eval_interval 50"
+if [[ $WHAT == tiny || $WHAT == all ]]; then
+  # pretraining: the default model and corpus, a context of 128 characters (a chat example needs ~50)
+  run tiny-pretrain  --out_dir out-sft-tiny-pre --sparsity 0 --block_size 128 --max_iters 1500
+  run tiny-dense     $TINY --init_from out-sft-tiny-pre --out_dir out-sft-tiny-dense --sparsity 0
+  run tiny-s0.5      $TINY --init_from out-sft-tiny-pre --out_dir out-sft-tiny-s0.5  --sparsity 0.5
+  run tiny-nm16-32   $TINY --init_from out-sft-tiny-pre --out_dir out-sft-tiny-nm    --nm 16:32
+fi
+if [[ $WHAT == eval || $WHAT == all ]]; then
+  python experiments/sft_eval.py --log "$LOG" 2> "$LOG/eval.err" | tee "$LOG/eval.out"
+fi
