@@ -1,0 +1,68 @@
+"""Export a minisparse model for the PyTorch / Hugging Face ecosystem: `python export.py --to hf-tiny`.
+
+Writes a directory that transformers' LlamaForCausalLM.from_pretrained loads (model.safetensors,
+config.json with the Q-Sparse settings under "qsparse", tokenizer.json); the name table and the
+layout changes are in minisparse/export.py. Loaded as it is, the model runs dense (the dense
+fallback); minisparse.export.install_qsparse_hooks makes it sparse again. Examples:
+    python export.py --out_dir out-tiny --to hf-tiny                # a run of train_tiny.py
+    python export.py --init_from smollm2 --to hf-smollm2            # a LLaMA-family GGUF file
+    python export.py --out_dir out-tiny --to hf-tiny --force        # replace a previous export
+"""
+
+import argparse
+import dataclasses
+import sys
+
+from minisparse import export, pretrained
+from minisparse.errors import UsageError
+from minisparse.train import load_run
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Export a minisparse model as a Hugging Face Llama checkpoint.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out_dir", default="out-tiny", help="the run to export (its ckpt.npz)")
+    p.add_argument("--init_from", default="",
+                   help="export a pretrained model instead of a run: 'smollm2' (SmolLM2-135M-Instruct) "
+                        "or a LLaMA-family .gguf file")
+    p.add_argument("--to", default="", help="the directory to write (new or empty; see --force)")
+    p.add_argument("--force", action="store_true", help="replace a previous export at --to")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="record another top-K sparsity in config.json's qsparse (default: the model's own)")
+    return p
+
+
+def run(args):
+    export.check_target(args.to, args.force, None if args.init_from else args.out_dir)   # before loading
+    if args.init_from:
+        if not pretrained.is_pretrained_source(args.init_from):
+            raise UsageError(f"--init_from {args.init_from!r} is not allowed: give 'smollm2' or a .gguf file "
+                             "(a run of train_tiny.py is given with --out_dir).")
+        params, cfg, tok, _ = pretrained.load_gguf(args.init_from, block_size=1 << 30)   # the file's own context
+        source = args.init_from
+    else:
+        params, _, cfg, tok, _ = load_run(args.out_dir)
+        source = args.out_dir
+    if args.sparsity is not None:
+        cfg = dataclasses.replace(cfg, sparsity=args.sparsity, nm=None)       # validates the value
+    path = export.export_hf(params, cfg, tok, args.to, args.force,
+                            None if args.init_from else args.out_dir, source)
+    s = export.qsparse_settings(cfg)
+    print(f"wrote {path}: LlamaForCausalLM, {cfg.n_layer} layers x {cfg.n_embd} channels, vocabulary "
+          f"{cfg.vocab_size}; qsparse sparsity {cfg.overall_sparsity:.2f}, kept per site "
+          + ", ".join(f"{k} {v}" for k, v in s["kept"].items())
+          + f"; weights {s['weights']}, a_bits {cfg.a_bits}")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except UsageError as e:
+        print(f"export.py: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
