@@ -146,6 +146,8 @@ def print_table(rows, speed):
         print(f"{r['setting']:>10s} {r['ppl']:8.3f} {r['ppl_lo']:8.3f}..{r['ppl_hi']:<8.3f} {r['d_ppl']:+9.2%} "
               f"{r['d_ppl_lo']:+8.2%}..{r['d_ppl_hi']:<+8.2%} {r['agree']:11.1%} {r['kl']:8.4f} "
               f"{r['na_nominal']:12,d} {r['na_measured']:12,d} " + (f"{sp:7.0f}" if sp else f"{'-':>7s}"))
+    print("measured sparsity per site (natural zeros included): " + "; ".join(
+        f"{r['setting']} " + " ".join(f"{k} {v:.2f}" for k, v in r["sparsity_by_site"].items()) for r in rows))
 
 
 def plot(rows, speed, path):
