@@ -3,6 +3,8 @@
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from benchmarks import decode_speed, machine  # noqa: E402
@@ -38,3 +40,30 @@ def test_decode_benchmark_prints_a_row_per_shape(capsys):
 def test_nm_keep_only_where_the_sparsity_is_a_whole_count_per_block():
     assert [decode_speed.nm_keep(S, 32) for S in (0.0, 0.25, 0.5, 0.75, 0.9)] == [None, 24, 16, 8, None]
     assert decode_speed.nm_keep(0.5, 4) == 2 and decode_speed.nm_keep(0.75, 2) is None
+
+
+def test_batch_union_counts_the_rows_some_token_of_the_group_kept():
+    """B = 1 reads K of D rows; the union grows with B and never passes D; on a random model with
+    random tokens it stays near the independent curve 1 - S^B."""
+    from benchmarks import batch_union
+    from minisparse import model
+    from minisparse.linear import SparseSpec
+    cfg = model.GPTConfig(vocab_size=13, block_size=8, n_layer=2, n_head=2, n_embd=64, sparsity=0.5)
+    params = model.init_params(cfg, seed=0)
+    idx = batch_union.windows(batch_union.np.arange(500) % 13, 64, 8)
+    res = batch_union.union_fractions(params, cfg, idx, SparseSpec(0.5))
+    for site in ("qkv", "o", "up_gate"):
+        u = [res[site][B] for B in batch_union.BATCHES]
+        assert u[0] == 0.5 and all(a <= b <= 1.0 for a, b in zip(u, u[1:]))
+        assert abs(res[site][2] - 0.75) < 0.08
+    nm = batch_union.union_fractions(params, cfg, idx, SparseSpec(0.0, nm=(2, 4)))
+    assert nm["qkv"][1] == 0.5 and nm["qkv"][64] <= 1.0
+
+
+def test_batch_decode_benchmark_prints_a_row_per_batch(capsys):
+    from benchmarks import batch_decode
+    if batch_decode.fast_rowsparse.numba is None:
+        pytest.skip("benchmarks/batch_decode.py needs numba")
+    rows = batch_decode.projection_rows(64, [1, 3], 0.5, repeats=2, cache_mb=0.5)
+    assert sorted(rows) == [1, 3] and all(v > 0 for r in rows.values() for v in r.values())
+    assert "union" in capsys.readouterr().out

@@ -325,7 +325,7 @@ def best_method():
 
 
 AUTO_MIN_WEIGHTS = 2 ** 17       # the fewest weights (D x sum O_i) at which numba's kernel pays
-AUTO_MAX_ROWS = {"cpu": 4, "gpu": 4}   # the most tokens per call at which the row-sparse product pays
+AUTO_MAX_ROWS = {"cpu": 8, "gpu": 4}   # the most tokens per call at which a row-sparse product pays
 
 
 def auto_method(xp, n_weights, min_weights=AUTO_MIN_WEIGHTS, rows=1):
