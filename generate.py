@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from minisparse import backend, model, pretrained
+from minisparse import backend, model, pretrained, sft
 from minisparse import evaluate as ev
 from minisparse.data import start_ids
 from minisparse.decode import SparsityMeter
@@ -76,8 +76,10 @@ def run(args):
                              "(a run of train_tiny.py is loaded with --out_dir).")
         params, cfg, tok, template = pretrained.load_gguf(args.init_from)
     else:
-        params, _, cfg, tok, _ = load_run(args.out_dir)
-    ids_eot = tok.encode("<|im_end|>") if template else []
+        params, _, cfg, tok, meta = load_run(args.out_dir)
+        template = sft.template_of(meta)           # a finetuned run: the chat template it was tuned with
+    tuned = isinstance(template, sft.ChatTemplate)
+    ids_eot = tok.encode(template.end if tuned else "<|im_end|>") if template else []
     if template and len(ids_eot) == 1:
         stop_id = ids_eot[0]                       # the instruct model ends its turn with <|im_end|>
     spec = cfg.spec
@@ -85,7 +87,9 @@ def run(args):
         model.GPTConfig(**{**cfg.to_dict(), "sparsity": args.sparsity, "nm": None})   # validates the value
         spec = cfg.spec_at(args.sparsity)
     run_cfg = model.GPTConfig(**{**cfg.to_dict(), "sparsity": spec.sparsity, "nm": spec.nm})
-    text = pretrained.chat_prompt(args.prompt) if template and not args.raw else args.prompt
+    text = args.prompt
+    if template and not args.raw:
+        text = template.prompt(args.prompt) if tuned else pretrained.chat_prompt(args.prompt)
     ids = tok.encode(text) or start_ids(tok)       # an empty prompt: start from a known token
     prompt = np.array([ids] * args.num_samples, dtype=np.int64)
     meter = SparsityMeter()

@@ -13,13 +13,16 @@ cd "$(dirname "$0")/.."
 WHAT=${1:-all}
 LOG=${2:-experiments/logs/sft}
 mkdir -p "$LOG"
+# one BLAS thread: on a 2-core machine shared with other jobs, two BLAS threads that wait on each
+# other made SmolLM2's steps several times slower
+export OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1}
 { echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"; echo "date: $(date -u +%Y-%m-%d)"
   python -c "from benchmarks.machine import describe; print('machine:', describe())"; } > "$LOG/machine.txt"
 run() { name=$1; shift; echo "== $name: python train_tiny.py $*"
         /usr/bin/env time -f "peak memory %M KB, wall %e s" python train_tiny.py "$@" 2> "$LOG/$name.err" | tee "$LOG/$name.out" | tail -1
         grep -a "peak memory" "$LOG/$name.err" >> "$LOG/$name.out" || true; }
 
-SMOL="--init_from smollm2 --sft mix --batch_size 4 --block_size 128 --max_iters 100 --learning_rate 1e-4 --eval_interval 100 --eval_iters 2"
+SMOL="--init_from smollm2 --sft mix --batch_size 4 --block_size 96 --max_iters 100 --learning_rate 1e-4 --eval_interval 100 --eval_iters 1"
 if [[ $WHAT == smollm2 || $WHAT == all ]]; then
   run smollm2-dense  $SMOL --out_dir out-sft-smollm2-dense --sparsity 0
   run smollm2-s0.4   $SMOL --out_dir out-sft-smollm2-s0.4  --sparsity 0.4
