@@ -3,14 +3,17 @@
 Writes a directory that transformers' LlamaForCausalLM.from_pretrained loads (model.safetensors,
 config.json with the Q-Sparse settings under "qsparse", tokenizer.json); the name table and the
 layout changes are in minisparse/export.py. Loaded as it is, the model runs dense (the dense
-fallback); minisparse.export.install_qsparse_hooks makes it sparse again. Examples:
+fallback); minisparse.export.install_qsparse_hooks makes it sparse again. --format gguf writes the
+dense SwiGLU model as one GGUF file instead, for llama.cpp (and pretrained.load_gguf). Examples:
     python export.py --out_dir out-tiny --to hf-tiny                # a run of train_tiny.py
     python export.py --init_from smollm2 --to hf-smollm2            # a LLaMA-family GGUF file
     python export.py --out_dir out-tiny --to hf-tiny --force        # replace a previous export
+    python export.py --out_dir out-smollm2 --format gguf --to smollm2-qsparse.gguf   # for llama.cpp
 """
 
 import argparse
 import dataclasses
+import os
 import sys
 
 from minisparse import export, pretrained
@@ -25,7 +28,9 @@ def build_parser():
     p.add_argument("--init_from", default="",
                    help="export a pretrained model instead of a run: 'smollm2' (SmolLM2-135M-Instruct) "
                         "or a LLaMA-family .gguf file")
-    p.add_argument("--to", default="", help="the directory to write (new or empty; see --force)")
+    p.add_argument("--format", default="hf", choices=("hf", "gguf"),
+                   help="hf: a Hugging Face checkpoint directory; gguf: one GGUF file of the dense model")
+    p.add_argument("--to", default="", help="the directory (hf: new or empty; see --force) or .gguf file to write")
     p.add_argument("--force", action="store_true", help="replace a previous export at --to")
     p.add_argument("--sparsity", type=float, default=None,
                    help="record another top-K sparsity in config.json's qsparse (default: the model's own)")
@@ -33,18 +38,29 @@ def build_parser():
 
 
 def run(args):
-    export.check_target(args.to, args.force, None if args.init_from else args.out_dir)   # before loading
+    if args.format == "gguf":                                                          # before loading
+        export.check_gguf_target(args.to, args.force)
+    else:
+        export.check_target(args.to, args.force, None if args.init_from else args.out_dir)
+    template = None
     if args.init_from:
         if not pretrained.is_pretrained_source(args.init_from):
             raise UsageError(f"--init_from {args.init_from!r} is not allowed: give 'smollm2' or a .gguf file "
                              "(a run of train_tiny.py is given with --out_dir).")
-        params, cfg, tok, _ = pretrained.load_gguf(args.init_from, block_size=1 << 30)   # the file's own context
+        if args.format == "gguf" and os.path.abspath(args.to) == os.path.abspath(pretrained.resolve(args.init_from)):
+            raise UsageError(f"--to {args.to!r} is the file being exported: choose another name.")
+        params, cfg, tok, template = pretrained.load_gguf(args.init_from, block_size=1 << 30)  # its own context
         source = args.init_from
     else:
         params, _, cfg, tok, _ = load_run(args.out_dir)
         source = args.out_dir
     if args.sparsity is not None:
         cfg = dataclasses.replace(cfg, sparsity=args.sparsity, nm=None)       # validates the value
+    if args.format == "gguf":
+        path = export.export_gguf(params, cfg, tok, args.to, args.force, template)
+        print(f"wrote {path}: GGUF llama, {cfg.n_layer} layers x {cfg.n_embd} channels, vocabulary "
+              f"{cfg.vocab_size}, float32, dense (Q-Sparse settings under minisparse.qsparse)")
+        return
     path = export.export_hf(params, cfg, tok, args.to, args.force,
                             None if args.init_from else args.out_dir, source)
     s = export.qsparse_settings(cfg)

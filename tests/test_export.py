@@ -341,12 +341,16 @@ def test_a_failed_export_leaves_the_previous_one_whole(run_dir, tmp_path, capsys
     (["--out_dir", "{run}", "--to", "{tmp}/hf", "--sparsity", "1.5"], ["sparsity 1.5", "[0, 1)"]),
     (["--init_from", "out-tiny", "--to", "{tmp}/hf"], ["'out-tiny'", "smollm2", ".gguf"]),
     (["--init_from", "{tmp}/none.gguf", "--to", "{tmp}/hf"], ["no such GGUF file"]),
+    (["--out_dir", "{run}", "--format", "gguf", "--to", "{tmp}/new.gguf"], ["needs a SwiGLU model", "relu2"]),
+    (["--init_from", "{tmp}/m.gguf", "--format", "gguf", "--to", "{tmp}/m.gguf", "--force"],
+     ["is the file being exported"]),
 ])
 def test_program_bad_inputs_are_one_sentence(argv, needles, run_dir, tmp_path, capsys):
     run = tmp_path / "run"
     import shutil
     shutil.copytree(run_dir, run)
     (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF, not really")
     argv = [a.format(tmp=tmp_path, run=run) for a in argv]
     rc, _, err = call(argv, capsys)
     one_sentence(rc, err, *needles)
@@ -360,6 +364,76 @@ def test_program_help_runs_as_a_command():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, os.path.join(root, "export.py"), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--to" in r.stdout and "--force" in r.stdout
+
+
+# ----------------------------------------------------------------------------- GGUF
+
+needs_gguf = pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="gguf not installed: pip install gguf")
+
+
+def bpe_tokenizer():
+    from minisparse.data import BPETokenizer
+    words = "the cat sat on a mat and saw dog run to big red box".split()
+    rng = np.random.default_rng(0)
+    return BPETokenizer.train(" ".join(words[i] for i in rng.integers(0, len(words), 400)), 300)
+
+
+@needs_gguf
+@pytest.mark.parametrize("kw", [dict(n_kv_head=2), dict(tie_embeddings=True, rope_layout="pairs"),
+                                dict(w_bits=1.58, n_kv_head=1)], ids=["half_gqa", "pairs_tied", "b158"])
+def test_gguf_export_reads_back_with_load_gguf(kw, tmp_path):
+    """The dense model written as GGUF and read by pretrained.load_gguf ("pairs" layout, dequantized
+    ternary weights) gives minisparse's dense logits; the tokenizer comes back the same."""
+    tok = bpe_tokenizer()
+    cfg, params = tiny_model(activation="swiglu", vocab_size=tok.vocab_size, **kw)
+    path = export.export_gguf(params, cfg, tok, tmp_path / "m.gguf")
+    back, cfg2, tok2, _ = pretrained.load_gguf(str(path), block_size=cfg.block_size)
+    assert (cfg2.n_kv_head, cfg2.tie_embeddings, cfg2.rope_layout) == (cfg.n_kv_head, cfg.tie_embeddings, "pairs")
+    text = "the red dog ran to a big box and sat"
+    assert tok2.encode(text) == tok.encode(text)
+    ids = np.array([tok.encode(text)[:16]])
+    ours, _, _ = model.forward(params, at(cfg, sparsity=0.0), ids)
+    theirs, _, _ = model.forward({k: v.astype(np.float64) for k, v in back.items()}, cfg2, ids)
+    err = rel_err(theirs, ours)
+    # the file stores rms eps as float32 (1e-5 -> 9.99999975e-06), and alpha * codes as float32
+    assert record("export GGUF dense logits (rel)", err) < (1e-6 if cfg.w_bits == 1.58 else 1e-8), err
+    if cfg.rope_layout == "pairs":              # already GGUF's layout: the rows are written as they are
+        assert np.array_equal(back["h.1.attn.wq"], params["h.1.attn.wq"].astype(np.float32))
+
+
+@needs_gguf
+def test_gguf_export_refuses_what_llama_cpp_cannot_run(tmp_path):
+    cfg, params = tiny_model()                                           # relu2
+    with pytest.raises(UsageError, match="needs a SwiGLU model"):
+        export.export_gguf(params, cfg, bpe_tokenizer(), tmp_path / "m.gguf")
+    cfg, params = tiny_model(activation="swiglu")
+    with pytest.raises(UsageError, match="needs a byte-level BPE tokenizer, and this run's is 'char'"):
+        export.export_gguf(params, cfg, CharTokenizer(CHARS), tmp_path / "m.gguf")
+    with pytest.raises(UsageError, match="ending in .gguf"):
+        export.export_gguf(params, cfg, bpe_tokenizer(), tmp_path / "m.bin")
+    assert os.listdir(tmp_path) == []
+
+
+@needs_gguf
+def test_program_writes_gguf_and_refuses_to_overwrite(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    words = "the cat sat on a mat and saw dog run to big red box".split()
+    rng = np.random.default_rng(1)
+    corpus.write_text("\n".join(" ".join(words[i] for i in rng.integers(0, len(words), 8)) for _ in range(200)))
+    run = tmp_path / "run"
+    assert train_tiny.main([*TINY, "--data", str(corpus), "--out_dir", str(run), "--tokenizer", "bpe",
+                            "--vocab_size", "300", "--activation", "swiglu"]) == 0
+    to = tmp_path / "m.gguf"
+    rc, out, err = call(["--out_dir", run, "--format", "gguf", "--to", to], capsys)
+    assert rc == 0 and "GGUF llama" in out, err
+    before = to.read_bytes()
+    rc, _, err = call(["--out_dir", run, "--format", "gguf", "--to", to], capsys)
+    one_sentence(rc, err, "exists", "--force")
+    assert to.read_bytes() == before
+    assert call(["--out_dir", run, "--format", "gguf", "--to", to, "--force", "--sparsity", "0.3"], capsys)[0] == 0
+    assert sorted(os.listdir(tmp_path)) == ["corpus.txt", "m.gguf", "run"]              # no temporary left
+    rc, _, err = call(["--out_dir", run, "--format", "gguf", "--to", tmp_path / "run"], capsys)
+    one_sentence(rc, err, "ending in .gguf")
 
 
 @pytest.mark.skipif(not HAVE_SMOLLM2, reason="SmolLM2 weights not installed: " + pretrained.INSTALL)
