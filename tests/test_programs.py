@@ -604,7 +604,6 @@ def test_resume_checkpoint_whose_optimizer_state_does_not_fit(run_copy, capsys):
     (["--num_samples", "0"], ["--num_samples 0", ">= 1"]),
     (["--top_k", "-1"], ["--top_k -1"]),
     (["--prompt", "日本"], ["'日'", "'本'", "vocabulary"]),
-    (["--prompt", ""], ["empty"]),
     (["--sparsity", "1.5"], ["sparsity 1.5", "[0, 1)"]),
     (["--device", "tpu"], ["'tpu'"]),
     (["--init_from", "out-tiny"], ["'out-tiny'", "smollm2", ".gguf"]),
