@@ -58,13 +58,13 @@ def run(args):
         cfg = dataclasses.replace(cfg, sparsity=args.sparsity, nm=None)       # validates the value
     if args.format == "gguf":
         path = export.export_gguf(params, cfg, tok, args.to, args.force, template)
-        print(f"wrote {path}: GGUF llama, {cfg.n_layer} layers x {cfg.n_embd} channels, vocabulary "
+        print(f"wrote {path}: GGUF llama, n_layer {cfg.n_layer}, n_embd {cfg.n_embd}, vocab_size "
               f"{cfg.vocab_size}, float32, dense (Q-Sparse settings under minisparse.qsparse)")
         return
     path = export.export_hf(params, cfg, tok, args.to, args.force,
                             None if args.init_from else args.out_dir, source)
     s = export.qsparse_settings(cfg)
-    print(f"wrote {path}: LlamaForCausalLM, {cfg.n_layer} layers x {cfg.n_embd} channels, vocabulary "
+    print(f"wrote {path}: LlamaForCausalLM, n_layer {cfg.n_layer}, n_embd {cfg.n_embd}, vocab_size "
           f"{cfg.vocab_size}; qsparse sparsity {cfg.overall_sparsity:.2f}, kept per site "
           + ", ".join(f"{k} {v}" for k, v in s["kept"].items())
           + f"; weights {s['weights']}, a_bits {cfg.a_bits}")
