@@ -86,6 +86,8 @@ class DecodeWeights:
             warm = warm[:1] if self.method == "numba" else []
         for wt in warm:
             fast_rowsparse.topk_rows_matvec(xp.zeros(wt.shape[0], dtype=wt.dtype), 1, wt, self.method)
+            if xp is np and self.max_rows > 1:     # the batched kernel, for --num_samples > 1
+                fast_rowsparse.union_rows_matmul(np.ones((2, wt.shape[0]), dtype=wt.dtype), wt, self.method)
 
     def quiet(self):
         """The context to decode in: BLAS on one thread while numba's kernel runs (fast/rowsparse.py)."""
