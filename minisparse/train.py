@@ -82,7 +82,7 @@ class TrainConfig:
     sft: str = option("", "supervised finetuning of the --init_from model on instruction data, the loss on "
                           "the responses only (sft.py): 'tasks' (checkable templated tasks), 'pydoc' (the "
                           "docs as Q&A), 'mix' (both) or a .jsonl file of prompt/response objects. Unless "
-                          "given: one epoch, warmup 3% of the steps, cosine to 0, no weight decay")
+                          "given: one epoch, warmup 0.03 of the steps, cosine to 0, no weight decay")
 
     @classmethod
     def from_flags(cls, given):
