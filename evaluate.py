@@ -56,6 +56,8 @@ def build_parser():
                    help="also build per-layer / per-site sparsities at the same nominal N_a as the chosen (or "
                         "sparsest) uniform top-K, from sensitivity curves on a calibration part of the windows, "
                         "and compare the two on the rest")
+    p.add_argument("--allocate_at", type=float, default=None,
+                   help="with --allocate: match the N_a of this top-K sparsity (one of --sparsity) instead")
     p.add_argument("--calib_fraction", type=float, default=0.25,
                    help="with --allocate: the share of windows (the first ones) used for calibration")
     p.add_argument("--fallback_quantile", type=float, default=0.95,
@@ -241,6 +243,10 @@ def run(args):
     plans = [ev.uniform(cfg, s, nm) for s, nm in settings]
     labels = [p.label for p in plans]
     plans = [p for i, p in enumerate(plans) if p.label not in labels[:i]]         # each setting once
+    topk = [p.label for p in plans if p.spec(0, "qkv").nm is None and not p.spec(0, "qkv").dense]
+    if args.allocate_at is not None and ev.uniform(cfg, args.allocate_at).label not in topk:
+        raise UsageError(f"--allocate_at {args.allocate_at} is not allowed: it must be one of the top-K "
+                         f"sparsities of --sparsity ({', '.join(topk) or 'none'}).")
     ids = text_ids(tok, args.data, default_data)
     T = args.block or min(256, cfg.block_size)
     if not 2 <= T <= cfg.block_size:
@@ -311,7 +317,9 @@ def _allocate(args, params, cfg, calib, x, y, scores, plans, chosen, rows, idx):
     topk = [p for p in plans if not p.spec(0, "qkv").dense and p.spec(0, "qkv").nm is None]
     if not topk:
         raise UsageError("--allocate needs a top-K sparsity above 0 in --sparsity to match its N_a.")
-    if chosen is not None and chosen["setting"] not in ("dense",) and ":" not in chosen["setting"]:
+    if args.allocate_at is not None:
+        target = next(p for p in topk if p.label == ev.uniform(cfg, args.allocate_at).label)    # checked in run
+    elif chosen is not None and chosen["setting"] not in ("dense",) and ":" not in chosen["setting"]:
         target = next(p for p in topk if p.label == chosen["setting"])
     else:
         target = max(topk, key=lambda p: p.spec(0, "qkv").sparsity)
@@ -328,7 +336,7 @@ def _allocate(args, params, cfg, calib, x, y, scores, plans, chosen, rows, idx):
           f"{ev.nominal_na(cfg, target):,}): loss {d:+.4f} nats/token against uniform (95% CI {lo:+.4f} .. "
           f"{hi:+.4f}); " + ("picks the allocation" if wins else f"keeps uniform {target.label}: the allocation "
                              "is not shown better"))
-    return dict(by=args.allocate, against=target.label, levels=levels, na=ev.nominal_na(cfg, plan),
+    return dict(by=args.allocate, against=target.label, levels=levels, sparsity=plan.to_dict(), na=ev.nominal_na(cfg, plan),
                 na_uniform=ev.nominal_na(cfg, target), d_loss=[d, lo, hi], picks="allocated" if wins else target.label,
                 calibration_windows=len(calib[0]))
 

@@ -45,6 +45,8 @@ def build_parser():
     p.add_argument("--device", default="cpu", help="'cpu' (NumPy) or 'gpu' (CuPy)")
     p.add_argument("--sparsity", type=float, default=None,
                    help="override the trained sparsity at inference; 0 = dense fallback (default: as trained)")
+    p.add_argument("--sparsity_plan", default="",
+                   help="an evaluate.py --allocate report (evaluation.json): decode with its sparsity per layer and site")
     p.add_argument("--fallback", default="off", choices=("off", "auto"),
                    help="auto: score the prompt under the sparse model (its prefill); above the threshold that "
                         "evaluate.py calibrated on in-distribution text, decode dense instead, and say so")
@@ -87,6 +89,12 @@ def run(args):
         model.GPTConfig(**{**cfg.to_dict(), "sparsity": args.sparsity, "nm": None})   # validates the value
         spec = cfg.spec_at(args.sparsity)
     run_cfg = model.GPTConfig(**{**cfg.to_dict(), "sparsity": spec.sparsity, "nm": spec.nm})
+    plan = None
+    if args.sparsity_plan:
+        if args.sparsity is not None or args.fallback != "off":
+            raise UsageError("--sparsity_plan sets the sparsity of every site: it cannot be combined with "
+                             "--sparsity or --fallback.")
+        plan = ev.plan_from_report(args.sparsity_plan, cfg)
     text = args.prompt
     if template and not args.raw:
         text = template.prompt(args.prompt) if tuned else pretrained.chat_prompt(args.prompt)
@@ -99,13 +107,13 @@ def run(args):
     kernel = args.kernel
     if args.reference and kernel == "auto":
         kernel = "masked"
-    fast = None if spec.dense or kernel == "masked" else DecodeWeights(params, cfg, kernel)
+    fast = None if (spec.dense and plan is None) or kernel == "masked" else DecodeWeights(params, cfg, kernel)
     on_prefill, decision = None, {}
     if args.fallback == "auto":
         on_prefill = fallback_hook(args, cfg, spec, tok, ids, text != args.prompt, decision)
     t0 = time.perf_counter()
     out = generate(params, cfg, prompt, args.max_new_tokens, args.temperature, args.top_k or None,
-                   np.random.default_rng(args.seed), spec, meter, fast, stop_id,
+                   np.random.default_rng(args.seed), plan or spec, meter, fast, stop_id,
                    model.REFERENCE if args.reference else FAST, on_prefill)
     if decision.get("dense"):
         spec = cfg.spec_at(0.0)
@@ -126,9 +134,11 @@ def run(args):
     per_layer = {l: measured for l in range(cfg.n_layer)}
     n_new = (out.shape[1] - prompt.shape[1]) * args.num_samples
     print("----------", file=sys.stderr)
-    print(f"{n_new} tokens in {dt:.2f} s: {n_new / max(dt, 1e-9):,.0f} tokens/s "
-          f"({'dense' if spec.dense else 'sparsity ' + format(run_cfg.overall_sparsity, '.2f')})", file=sys.stderr)
-    print(f"activated parameters per token N_a: {model.activated_params(run_cfg):,} nominal, "
+    how = (plan.label if plan is not None else "dense" if spec.dense
+           else "sparsity " + format(run_cfg.overall_sparsity, ".2f"))
+    print(f"{n_new} tokens in {dt:.2f} s: {n_new / max(dt, 1e-9):,.0f} tokens/s ({how})", file=sys.stderr)
+    nominal = ev.nominal_na(cfg, plan) if plan is not None else model.activated_params(run_cfg)
+    print(f"activated parameters per token N_a: {nominal:,} nominal, "
           f"{model.activated_params(run_cfg, per_layer):,} measured, of N = {model.count_params(cfg):,} "
           "(embedding and head excluded)", file=sys.stderr)
     print("measured sparsity per site: " + ", ".join(f"{k} {v:.2f}" for k, v in measured.items()), file=sys.stderr)

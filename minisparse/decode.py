@@ -20,7 +20,7 @@ selected (rowsparse.py), the product where sparsity saves time.
 
 from . import model
 from .backend import array_module
-from .linear import sparse_linear_forward, zero_fraction
+from .linear import SparseSpec, sparse_linear_forward, zero_fraction
 from .model import REFERENCE, SITE_WEIGHTS, SITES
 
 
@@ -64,14 +64,17 @@ class SparsityMeter:
 def decode_forward(params, cfg, idx, kv, spec=None, meter=None, fast=None, ops=REFERENCE):
     """idx (B, Tq) new tokens after kv.length cached ones -> logits (B, Tq, V); kv grows by Tq.
 
+    spec: a SparseSpec for every site, or a plan with one per site, plan.spec(l, site) (evaluate.Plan);
     fast: a fast.decode.DecodeWeights of these params, for the row-sparse products; ops: as in
     model.forward."""
     B, Tq = idx.shape
     spec = cfg.spec if spec is None else spec
-    rowsparse = fast is not None and not spec.dense and B * Tq <= fast.max_rows
+    spec_of = (lambda l, site: spec) if isinstance(spec, SparseSpec) else spec.spec
+    few_rows = fast is not None and B * Tq <= fast.max_rows
 
     def project(l, site, x):                                            # x (B, Tq, D) -> [y_i]
-        if rowsparse and (l, site) in fast.wt:
+        spec = spec_of(l, site)
+        if few_rows and not spec.dense and (l, site) in fast.wt:
             ys, read = fast.project(l, site, x, spec)
             zero_frac = 1.0 - read / (B * Tq * x.shape[-1]) if meter is not None else None
         else:

@@ -53,6 +53,36 @@ class Plan:
     def spec(self, l, site):
         return self.specs[(l, site)]
 
+    @property
+    def dense(self):
+        return all(s.dense for s in self.specs.values())
+
+    def to_dict(self):
+        """{"l.site": sparsity}: the JSON form evaluate.py writes and generate.py --sparsity_plan reads."""
+        return {f"{l}.{site}": s.sparsity for (l, site), s in self.specs.items()}
+
+    @classmethod
+    def from_dict(cls, d, cfg, label="plan"):
+        want = {f"{l}.{site}" for l in range(cfg.n_layer) for site in SITES}
+        if not isinstance(d, dict) or set(d) != want or not all(
+                isinstance(v, (int, float)) and 0 <= v < 1 for v in d.values()):
+            raise UsageError(f"the sparsity plan does not fit this model: it needs a sparsity in [0, 1) for each "
+                             f"of the {len(want)} sites 'layer.site' of its {cfg.n_layer} layers.")
+        return cls({(int(k.split(".")[0]), k.split(".")[1]): cfg.spec_at(float(v)) for k, v in d.items()}, label)
+
+
+def plan_from_report(path, cfg):
+    """The allocated plan of an evaluate.py --allocate report -> Plan."""
+    try:
+        with open(path) as f:
+            d = json.load(f)["allocation"]["sparsity"]
+    except FileNotFoundError:
+        raise UsageError(f"--sparsity_plan {path!r} does not exist: run evaluate.py --allocate first.") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--sparsity_plan {path!r} is not an evaluate.py --allocate report "
+                         f"({type(e).__name__}: {e}).") from None
+    return Plan.from_dict(d, cfg, f"sparsity plan {path}")
+
 
 def uniform(cfg, sparsity=0.0, nm=None, label=None):
     """One sparsity (or N:M) at every site: what --sparsity / --nm give."""

@@ -19,7 +19,7 @@ import train_tiny
 from minisparse import evaluate as ev
 from minisparse import model
 from minisparse.errors import UsageError
-from minisparse.fast import FAST
+from minisparse.train import load_run
 from tests.test_programs import assert_one_sentence, call, tiny
 
 
@@ -278,6 +278,7 @@ def test_generate_fallback_auto_decodes_dense_on_shifted_text_and_sparse_otherwi
     (["--max_windows", "1"], ["--max_windows 1"]),
     (["--fallback_quantile", "1"], ["--fallback_quantile 1"]),
     (["--block", "999"], ["--block 999"]),
+    (["--allocate", "layer", "--allocate_at", "0.45", "--sparsity", "0,0.5"], ["--allocate_at 0.45", "S=0.5"]),
 ])
 def test_evaluate_bad_flags_are_one_sentence(argv, needles, run, capsys):
     rc, _, err = call(evaluate_program, ["--out_dir", run, "--speed_tokens", "0", *argv], capsys)
@@ -303,3 +304,38 @@ def test_generate_fallback_without_calibration_is_one_sentence(run, tmp_path, ca
     assert_one_sentence(rc, err, "generate.py", "x.json", "does not exist")
     rc, _, err = call(generate, ["--out_dir", run, "--fallback", "auto", "--sparsity", "0"], capsys)
     assert_one_sentence(rc, err, "generate.py", "--fallback auto needs a sparse model")
+
+
+def test_decoding_with_a_plan_equals_the_plans_full_forward(toy):
+    from minisparse.decode import decode_forward, new_cache
+    from minisparse.fast.decode import DecodeWeights
+    params, cfg, x, _ = toy
+    specs = {(l, s): cfg.spec_at(0.25 * ((l + i) % 4)) for l in range(cfg.n_layer) for i, s in enumerate(model.SITES)}
+    plan = ev.Plan(specs, "mixed")
+    want = ev.plan_forward(params, cfg, x[:2], plan, model.REFERENCE)          # (2, T, V)
+    for fast in (None, DecodeWeights(dict(params), cfg, "gather")):
+        kv = new_cache(params, cfg, 2)
+        got = [decode_forward(params, cfg, x[:2, :4], kv, plan, fast=fast)]
+        got += [decode_forward(params, cfg, x[:2, t:t + 1], kv, plan, fast=fast) for t in range(4, x.shape[1])]
+        np.testing.assert_allclose(np.concatenate(got, axis=1), want, rtol=1e-9, atol=1e-11)
+    assert ev.Plan.from_dict(plan.to_dict(), cfg).specs == plan.specs
+    with pytest.raises(UsageError, match="does not fit this model"):
+        ev.Plan.from_dict({"0.qkv": 0.5}, cfg)
+
+
+def test_generate_with_the_allocated_plan(run, capsys, tmp_path):
+    rc, _, err = call(evaluate_program, ["--out_dir", run, "--sparsity", "0,0.5", "--allocate", "site",
+                                         "--speed_tokens", 0, "--report_dir", tmp_path], capsys)
+    assert rc == 0
+    path = tmp_path / "evaluation.json"
+    with open(path) as f:
+        alloc = json.load(f)["allocation"]
+    plan = ev.Plan.from_dict(alloc["sparsity"], load_run(str(run))[2])
+    rc, out, err = call(generate, ["--out_dir", run, "--sparsity_plan", path, "--max_new_tokens", 5,
+                                   "--temperature", 0], capsys)
+    assert rc == 0 and "sparsity plan" in err and f"{alloc['na']:,} nominal" in err
+    assert plan.label == "plan"
+    rc, _, err = call(generate, ["--out_dir", run, "--sparsity_plan", path, "--sparsity", "0.5"], capsys)
+    assert_one_sentence(rc, err, "generate.py", "cannot be combined")
+    rc, _, err = call(generate, ["--out_dir", run, "--sparsity_plan", run / "eval" / "evaluation.json"], capsys)
+    assert_one_sentence(rc, err, "generate.py", "not an evaluate.py --allocate report")
