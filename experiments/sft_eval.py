@@ -10,10 +10,11 @@ finetuned run of experiments/sft_runs.sh:
     95% Wilson interval from the number of items;
   - for a finetuned run: its steps, the tokens it saw (all positions, and the response tokens
     the loss counted), its wall time and peak memory (from its log LOGDIR/NAME.out).
-Usage: python experiments/sft_eval.py [--log experiments/logs/sft] [--per_kind 12] [--only smollm2|tiny]
+Usage: python experiments/sft_eval.py [--log experiments/logs/sft] [--per_kind 12] [--only PART [--setting S]]
 """
 
 import argparse
+import glob
 import json
 import os
 import re
@@ -61,20 +62,28 @@ def evaluate(params, cfg, tok, template, items, pydoc_test, batch_size=4):
         enc = sft.encode_all(tok, template, pydoc_test, cfg.block_size, "pydoc test")
         out["loss_pydoc"] = sft.response_loss(params, cfg, enc, batch_size, FAST)
     end = template.end_id(tok)
-    correct, by_kind, answers = 0, {}, []
-    for ex in items:
-        ids = tok.encode(template.prompt(ex.prompt))
-        n_new = min(len(tok.encode(ex.response)) + 3, cfg.block_size - len(ids))
-        row = generate(params, cfg, np.array([ids]), n_new, temperature=0.0, spec=cfg.spec,
-                       stop_id=end, ops=FAST)[0, len(ids):].tolist()
-        answer = tok.decode(row[:row.index(end)] if end in row else row)
+    prompts = [tok.encode(template.prompt(ex.prompt)) for ex in items]
+    answers = [None] * len(items)
+    # prompts of one length decode as one batch (the decoder has no padding mask); greedy, each row
+    # read up to its end-of-turn token
+    by_len = {}
+    for i, ids in enumerate(prompts):
+        by_len.setdefault(len(ids), []).append(i)
+    for P, rows in by_len.items():
+        n_new = min(max(len(tok.encode(items[i].response)) for i in rows) + 3, cfg.block_size - P)
+        out_ids = generate(params, cfg, np.array([prompts[i] for i in rows]), n_new, temperature=0.0,
+                           spec=cfg.spec, stop_id=end, ops=FAST)
+        for i, row in zip(rows, out_ids[:, P:].tolist()):
+            answers[i] = tok.decode(row[:row.index(end)] if end in row else row)
+    correct, by_kind = 0, {}
+    for ex, answer in zip(items, answers):
         ok = sft.exact_match(answer, ex.response)
         correct += ok
         k = by_kind.setdefault(ex.kind, [0, 0])
         k[0] += ok
         k[1] += 1
-        answers.append(answer)
-    out.update(correct=correct, n=len(items), by_kind=by_kind, samples=answers[:3])
+    out.update(correct=correct, n=len(items), by_kind=by_kind,
+               samples=[(ex.prompt, a) for ex, a in list(zip(items, answers))[::12]])
     return out
 
 
@@ -94,7 +103,7 @@ def at(cfg, sparsity, nm):
     return replace(cfg, sparsity=sparsity, nm=nm)
 
 
-def smollm2_rows(log, items, pydoc_test, block_size):
+def smollm2_before(log, items, pydoc_test, block_size):
     rows = []
     params, cfg, tok, _ = load_gguf("smollm2", block_size=block_size)
     for name, s, nm in SETTINGS:
@@ -102,8 +111,14 @@ def smollm2_rows(log, items, pydoc_test, block_size):
         r = evaluate(params, at(cfg, s, nm), tok, sft.SMOLLM2, items, pydoc_test)
         rows.append({"model": "SmolLM2-135M", "setting": name, "when": "before SFT (training-free)", **r})
         print(f"smollm2 {name} before: {r['correct']}/{r['n']}, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    del params
+    return rows
+
+
+def smollm2_after(log, items, pydoc_test, block_size, only=None):
+    rows = []
     for name, _, _ in SETTINGS:
+        if only and name != only:
+            continue
         out_dir = os.path.join(ROOT, SMOLLM2_DIRS[name])
         if not os.path.exists(os.path.join(out_dir, "ckpt.npz")):
             print(f"smollm2 {name}: no run in {out_dir}, left out", file=sys.stderr)
@@ -117,7 +132,7 @@ def smollm2_rows(log, items, pydoc_test, block_size):
     return rows
 
 
-def tiny_rows(log, items):
+def tiny_rows(log, items, pydoc_test, block_size):
     rows = []
     pre = os.path.join(ROOT, "out-sft-tiny-pre")
     if not os.path.exists(os.path.join(pre, "ckpt.npz")):
@@ -138,6 +153,16 @@ def tiny_rows(log, items):
         r = evaluate(params, cfg, tok, sft.template_of(meta), items, None)
         rows.append({"model": "tiny", "setting": name, "when": "after SFT", **r, **run_facts(log, run, out_dir)})
     return rows
+
+
+PARTS = {"smollm2-before": smollm2_before, "smollm2-after": smollm2_after, "tiny": tiny_rows}
+
+
+def _part_order(path):
+    """rows-smollm2-before, then rows-smollm2-after*, in SETTINGS order, then rows-tiny."""
+    name = os.path.basename(path)[len("rows-"):-len(".json")]
+    keys = ["smollm2-before"] + [f"smollm2-after-{n.replace(' ', '_').replace('%', '')}" for n, _, _ in SETTINGS]
+    return (keys.index(name) if name in keys else 5 if name == "smollm2-after" else 9, name)
 
 
 def fmt(r):
@@ -167,17 +192,28 @@ def main(argv=None):
     ap.add_argument("--log", default="experiments/logs/sft")
     ap.add_argument("--per_kind", type=int, default=12)
     ap.add_argument("--block_size", type=int, default=96, help="SmolLM2's context, as in sft_runs.sh")
-    ap.add_argument("--only", default="", help="'smollm2' or 'tiny': one model's rows")
+    ap.add_argument("--only", default="", choices=("", "table") + tuple(PARTS),
+                    help="measure one part's rows (kept in experiments/sft/rows-PART.json), or none ('table'); "
+                         "the table is made from every part measured")
+    ap.add_argument("--setting", default="", choices=("",) + tuple(SMOLLM2_DIRS),
+                    help="with --only smollm2-after: one finetuned run (rows-smollm2-after-SETTING.json), so "
+                         "that the four can be measured at once")
     args = ap.parse_args(argv)
     from benchmarks.machine import describe
     items = test_items(args.per_kind)
     pydoc_test = sft.pydoc_examples()["test"]
     t0 = time.perf_counter()
+    for part, measure in PARTS.items():
+        if args.only in ("", part):
+            if part == "smollm2-after" and args.setting:
+                rows = smollm2_after(args.log, items, pydoc_test, args.block_size, args.setting)
+                part = f"{part}-{args.setting.replace(' ', '_').replace('%', '')}"
+            else:
+                rows = measure(args.log, items, pydoc_test, args.block_size)
+            write_atomic(os.path.join(HERE, "sft", f"rows-{part}.json"), json.dumps(rows, indent=1))
     rows = []
-    if args.only in ("", "smollm2"):
-        rows += smollm2_rows(args.log, items, pydoc_test, args.block_size)
-    if args.only in ("", "tiny"):
-        rows += tiny_rows(args.log, items)
+    for path in sorted(glob.glob(os.path.join(HERE, "sft", "rows-*.json")), key=_part_order):
+        rows += json.load(open(path))
     header = ("| model | sparsity | when | held-out pydoc loss | held-out task loss | exact match (95% Wilson) | "
               "by kind | steps | tokens seen (response) | minutes | peak GB |\n|" + "---|" * 11)
     text = "\n".join([
@@ -188,7 +224,7 @@ def main(argv=None):
         f"held-out pydoc topics: {len(pydoc_test)}. Exact match: greedy decoding up to the end of the turn, "
         "the answer stripped, equal to the reference. Loss: mean over the response tokens, the prompt masked.",
         "", header, *[fmt(r) for r in rows], "",
-        f"Total time of this script: {(time.perf_counter() - t0) / 60:.1f} minutes.", ""])
+        f"Time of the last call of this script: {(time.perf_counter() - t0) / 60:.1f} minutes.", ""])
     write_atomic(os.path.join(HERE, "sft", "results.md"), text)
     write_atomic(os.path.join(HERE, "sft", "results.json"), json.dumps(rows, indent=1))
     print(text)
