@@ -277,7 +277,7 @@ class Ops:
 REFERENCE = Ops("reference")
 
 
-def forward(params, cfg, idx, targets=None, ops=REFERENCE, kv=None, project=None):
+def forward(params, cfg, idx, targets=None, ops=REFERENCE, kv=None, project=None, keep_caches=True):
     """idx (B, T) ints -> (logits (B, T, V), loss or None, caches for backward).
 
     ops: REFERENCE or fast.FAST (see Ops).
@@ -285,7 +285,9 @@ def forward(params, cfg, idx, targets=None, ops=REFERENCE, kv=None, project=None
         their keys and values are appended to the cache, attention reads all of it, and no layer
         caches are kept (backward cannot be run).
     project: (l, site, x) -> [y_i], the projections of site `site` in layer l, for a decoder that
-        computes them another way (decode.py); default: sparse_linear_forward with cfg.spec."""
+        computes them another way (decode.py); default: sparse_linear_forward with cfg.spec.
+    keep_caches=False: an inference forward; each layer's caches are dropped when the next layer
+        starts (backward cannot be run), so only one layer's activations are alive at a time."""
     B, T = idx.shape
     pos = 0 if kv is None else kv.length
     if pos + T > cfg.block_size:
@@ -306,7 +308,7 @@ def forward(params, cfg, idx, targets=None, ops=REFERENCE, kv=None, project=None
     for l in range(cfg.n_layer):
         p = f"h.{l}."
         c = {}
-        if kv is None:
+        if kv is None and keep_caches:
             caches[l] = c
         # attention
         h, c["attn_norm"] = ops.rmsnorm_forward(x, params[p + "attn_norm"], cfg.norm_eps)
@@ -398,6 +400,14 @@ def forward_backward(params, cfg, idx, targets, ops=REFERENCE, dloss=1.0):
     _, loss, caches = forward(params, cfg, idx, targets, ops)
     zeros = measured_sparsity(cfg, caches)
     return float(loss), backward(params, cfg, caches, dloss, consume=True), zeros
+
+
+def forward_loss(params, cfg, idx, targets, ops=REFERENCE):
+    """Evaluation: the loss of a forward on (idx, targets), a float, and the measured sparsity
+    {layer: {site: fraction of zeros}}. fast/parallel.py's forward_loss gives the same numbers
+    from a forward that keeps no caches, the batch split over CPU threads."""
+    _, loss, caches = forward(params, cfg, idx, targets, ops)
+    return float(loss), measured_sparsity(cfg, caches)
 
 
 def measured_sparsity(cfg, caches):

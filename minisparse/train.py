@@ -157,20 +157,25 @@ def load_run(out_dir):
     return params, opt_state, cfg, tok, meta
 
 
-def estimate_loss(params, cfg, data, tc, it, ops=model.REFERENCE):
+def estimate_loss(params, cfg, data, tc, it, ops=model.REFERENCE, threads=None):
     """Mean loss over eval_iters batches of each split, drawn from a generator seeded by (seed, it),
-    and the sparsity measured on them: {"train": loss, "val": loss, "train_sparsity": {site: zeros}, ...}."""
+    and the sparsity measured on them: {"train": loss, "val": loss, "train_sparsity": {site: zeros}, ...}.
+    threads None: the readable forward (model.forward_loss); a count: fast/parallel.py's forward,
+    which keeps no caches and splits the batch over that many threads (the same numbers)."""
     out = {}
     for split, ids in data.items():
         rng = np.random.default_rng([tc.seed, it, 0 if split == "train" else 1])
         losses, zeros = [], {site: 0.0 for site in model.SITES}
         for _ in range(tc.eval_iters):
             x, y = get_batch(ids, cfg.block_size, tc.batch_size, rng)
-            _, loss, caches = model.forward(params, cfg, backend.asarray(x), backend.asarray(y), ops)
-            losses.append(float(loss))
-            for site, frac in model.mean_sparsity(cfg, caches).items():
+            x, y = backend.asarray(x), backend.asarray(y)
+            if threads is None:
+                loss, per_layer = model.forward_loss(params, cfg, x, y, ops)
+            else:
+                loss, per_layer = parallel.forward_loss(params, cfg, x, y, ops, threads)
+            losses.append(loss)
+            for site, frac in model.average_over_layers(per_layer).items():
                 zeros[site] += frac / tc.eval_iters
-            del caches                    # free the activations before the next forward makes its own
         out[split] = sum(losses) / len(losses)
         out[split + "_sparsity"] = zeros
     return out
@@ -377,7 +382,7 @@ def train(tc, given=(), progress=True, log=print):
         for it in range(start_iter, tc.max_iters + 1):
             if it % tc.eval_interval == 0 or it == tc.max_iters:
                 losses = (estimate_sft_loss(params, cfg, data, tc, ops) if tc.sft else
-                          estimate_loss(params, cfg, data, tc, it, ops))
+                          estimate_loss(params, cfg, data, tc, it, ops, None if tc.reference else threads))
                 if not (math.isfinite(losses["train"]) and math.isfinite(losses["val"])):
                     # never overwrite the last good checkpoint with broken weights
                     raise _diverged("evaluation loss", losses["val"], it, last_saved, path)

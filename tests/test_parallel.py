@@ -102,3 +102,68 @@ def test_split_batch_with_nothing_counted_is_zero():
     cfg, params, x, y = setup()
     loss, grads, _ = parallel.forward_backward(params, cfg, x, np.full_like(y, -1), threads=2)
     assert loss == 0.0 and all(not g.any() for g in grads.values())
+
+
+# ----------------------------------------------------------------------------------------
+# evaluation: forward_loss, an inference forward split over threads
+
+
+@pytest.mark.parametrize("ops", [model.REFERENCE, FAST], ids=lambda o: o.name)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("sparsity, nm, kw", [
+    (0.0, None, {}),
+    (0.5, None, {}),
+    (0.5, None, dict(a_bits=8, w_bits=1.58)),
+    (0.0, (2, 4), dict(activation="swiglu", n_kv_head=2, tie_embeddings=True)),
+])
+def test_forward_loss_equals_the_readable_forward(threads, sparsity, nm, kw, ops):
+    """The loss is computed over the whole batch's logits as the reference computes it, and the
+    zeros are counted, not averaged: both equal the reference exactly."""
+    cfg, params, x, y = setup(sparsity, nm, **kw)
+    y = y.copy()
+    y[1, :3] = -1                                                # masked targets, as finetuning has
+    ref_loss, ref_zeros = model.forward_loss(params, cfg, x, y, ops)
+    loss, zeros = parallel.forward_loss(params, cfg, x, y, ops, threads=threads)
+    assert loss == ref_loss
+    assert zeros == ref_zeros
+    if sparsity:
+        assert 0.45 < zeros[0]["qkv"] < 0.55                     # the counts are the sparsified inputs'
+
+
+def test_forward_loss_keeps_no_layer_caches(monkeypatch):
+    cfg, params, x, y = setup(0.5)
+    kept = []
+    forward = model.forward
+
+    def spy(*a, **kw):
+        out = forward(*a, **kw)
+        kept.append(sorted(k for k in out[2] if isinstance(k, int)))
+        return out
+    monkeypatch.setattr(model, "forward", spy)
+    parallel.forward_loss(params, cfg, x, y, FAST, threads=2)
+    assert kept == [[], []]                                      # two parts, no layer's cache returned
+    kept.clear()
+    model.forward_loss(params, cfg, x, y)
+    assert kept == [list(range(cfg.n_layer))]                   # the reference keeps them (it can backprop)
+
+
+def test_forward_loss_without_threadpoolctl_runs_whole(monkeypatch):
+    cfg, params, x, y = setup(0.5)
+    monkeypatch.setattr(parallel, "blas_threads", lambda n: None)
+    ran = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda p, c, xx, *a, **kw: ran.append(xx.shape[0]) or forward(p, c, xx, *a, **kw))
+    assert parallel.forward_loss(params, cfg, x, y, FAST, threads=2) == model.forward_loss(params, cfg, x, y, FAST)
+    assert ran == [5, 5]                                         # the split path's one forward, then the reference's
+
+
+def test_estimate_loss_split_equals_the_readable_path():
+    """train.estimate_loss, as the programs run it (threads) and as --reference runs it (None)."""
+    from minisparse.train import TrainConfig, estimate_loss
+    cfg, params, _, _ = setup(0.5)
+    ids = np.random.default_rng(3).integers(0, 11, 200)
+    data = {"train": ids[:150], "val": ids[150:]}
+    tc = TrainConfig(model=cfg, batch_size=5, eval_iters=3)
+    ref = estimate_loss(params, cfg, data, tc, 250, FAST, None)
+    assert estimate_loss(params, cfg, data, tc, 250, FAST, 2) == ref
+    assert set(ref) == {"train", "val", "train_sparsity", "val_sparsity"} and ref["train"] > 0

@@ -2,6 +2,8 @@
 
     fast.parallel.forward_backward(params, cfg, x, y, ops, threads)
     equals model.forward_backward(params, cfg, x, y, ops) up to float rounding (tests/test_parallel.py)
+    fast.parallel.forward_loss(params, cfg, x, y, ops, threads)
+    equals model.forward_loss(params, cfg, x, y, ops), the evaluation's forward (tests/test_parallel.py)
 
 The loss is the mean over the N counted tokens of the batch (every target but loss.IGNORE:
 all B * T when pretraining; only the responses when finetuning, sft.py). Split the B
@@ -24,13 +26,20 @@ whole forward and backward of its part on one core, with BLAS at one thread per 
 NumPy releases Python's GIL inside its operations, so the parts run at the same time
 (benchmarks/RESULTS.md). CPU only: on the GPU, CuPy already runs each operation over the
 whole device.
+
+Evaluation (forward_loss) splits the batch the same way, but each part runs an inference forward
+that keeps no caches (model.forward with keep_caches=False) and returns its logits and the counts
+of nonzero projection inputs; the loss is then computed once over the whole batch's logits, as the
+reference computes it, and the counts are summed, so neither needs a weighting.
 """
 
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 from .. import model
-from ..loss import IGNORE
+from ..backend import array_module
+from ..linear import sparse_linear_forward
+from ..loss import IGNORE, cross_entropy_forward
 from .runtime import blas_threads
 
 _pools = {}
@@ -61,6 +70,13 @@ def split(B, threads):
     return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
+def _pool(n):
+    """The n worker threads, made once and reused by every step and evaluation."""
+    if n not in _pools:
+        _pools[n] = ThreadPoolExecutor(n, thread_name_prefix="minisparse-part")
+    return _pools[n]
+
+
 def forward_backward(params, cfg, x, y, ops=model.REFERENCE, threads=1):
     """model.forward_backward on the batch (x, y), its B sequences split over `threads` threads:
     (loss, grads, measured sparsity {layer: {site: fraction of zeros}}) over the whole batch."""
@@ -79,10 +95,8 @@ def forward_backward(params, cfg, x, y, ops=model.REFERENCE, threads=1):
         loss, grads, zeros = model.forward_backward(params, cfg, x[part], y[part], ops, dloss=w)
         return w * loss, grads, (part.stop - part.start) / B, zeros
 
-    if len(parts) not in _pools:
-        _pools[len(parts)] = ThreadPoolExecutor(len(parts), thread_name_prefix="minisparse-part")
     with limit:
-        results = list(_pools[len(parts)].map(run, parts))
+        results = list(_pool(len(parts)).map(run, parts))
     grads = results[0][1]
     for _, g, _, _ in results[1:]:
         for k in grads:
@@ -90,3 +104,42 @@ def forward_backward(params, cfg, x, y, ops=model.REFERENCE, threads=1):
     zeros = {l: {site: sum(w * z[l][site] for _, _, w, z in results) for site in model.SITES}
              for l in range(cfg.n_layer)}
     return sum(r[0] for r in results), grads, zeros
+
+
+def forward_loss(params, cfg, x, y, ops=model.REFERENCE, threads=1):
+    """model.forward_loss on the batch (x, y), its B sequences split over `threads` threads, each
+    running a forward that keeps no caches: (loss, measured sparsity {layer: {site: fraction of
+    zeros}}) over the whole batch. With one thread (or without threadpoolctl) the same forward runs
+    whole on the calling thread."""
+    B, T = x.shape
+    parts = split(B, threads)
+    limit = blas_threads(1) if len(parts) > 1 else None
+    spec = cfg.spec
+
+    def run(part):
+        counts = {}                                        # (layer, site) -> (nonzero inputs, inputs)
+
+        def project(l, site, h):                           # the default projection, counting as it goes
+            ys, cache = sparse_linear_forward(h, [params[f"h.{l}.{n}"] for n in model.SITE_WEIGHTS[site]],
+                                              spec, ops.sparsify)
+            xs2 = cache[0]                                 # (N_p, D) the sparsified input
+            counts[l, site] = (int(array_module(xs2).count_nonzero(xs2 != 0)), xs2.size)
+            return ys
+        logits, _, _ = model.forward(params, cfg, x[part], None, ops, project=project, keep_caches=False)
+        return logits, counts                              # (B_p, T, V)
+
+    if limit is None:
+        results = [run(slice(0, B))]
+    else:
+        with limit:
+            results = list(_pool(len(parts)).map(run, parts))
+    logits = array_module(results[0][0]).concatenate([r[0] for r in results])      # (B, T, V)
+    loss, _ = cross_entropy_forward(logits.reshape(B * T, -1), y.reshape(-1))
+    zeros = {}
+    for l in range(cfg.n_layer):
+        zeros[l] = {}
+        for site in model.SITES:
+            nonzero = sum(r[1][l, site][0] for r in results)
+            size = sum(r[1][l, site][1] for r in results)
+            zeros[l][site] = 1.0 - nonzero / size          # as linear.zero_fraction counts it
+    return float(loss), zeros
