@@ -2,6 +2,7 @@
 
     python benchmarks/train_speed.py                    # CPU; PyTorch too where it is installed
     python benchmarks/train_speed.py --device gpu       # CuPy against PyTorch on CUDA
+    python benchmarks/train_speed.py --whole --nanogpt DIR   # whole runs: minisparse against nanoGPT
 
 The shapes are nanoGPT's baby character config: 4 layers, 4 heads, 128 channels, block 64,
 batch 12, vocabulary 96 (the built-in corpus's). One step = forward + backward + gradient
@@ -17,6 +18,18 @@ C C C A A A ...), so a change in the machine's load hits all of them alike; each
 median over --steps steps. Peak memory
 is measured separately: each variant trains --mem_steps steps in a fresh process, and
 the process's peak resident set (VmHWM in /proc/self/status, Linux) is reported.
+
+--whole times what a user waits for: a whole `train_tiny.py` run, start to finish (Python's start,
+the data, the steps, every evaluation and checkpoint), of nanoGPT's baby configuration (WHOLE_FLAGS:
+2000 steps, evaluation every 250 steps on 20 batches per split, lr 1e-3 -> 1e-4, warmup 100), dense
+and at 50% top-K, each in its own process; the wall time, the final val loss and the child's peak
+RSS (os.wait4). --nanogpt DIR adds nanoGPT itself (a checkout of github.com/karpathy/nanoGPT, none
+of it part of this project) with the same configuration, the README's CPU command
+(`--device=cpu --compile=False`): its char data is written into DIR/data/ from the same text,
+tokenizer and train/val split that minisparse uses, so both train on the same tokens. --also DIR
+runs the minisparse variants from another checkout too (an older revision: before and after in
+one run). The variants take turns, --rounds times; the medians and the ratios are printed, and
+the load average before every run, since a shared machine's load moves the times.
 """
 
 import argparse
@@ -172,6 +185,125 @@ def peak_rss_child(name, device, steps, threads):
     return int(out.stdout.strip().splitlines()[-1]) / 1024.0        # VmHWM is in kB
 
 
+# ----------------------------------------------------------------------------------------
+# whole runs: train_tiny.py against nanoGPT's train.py
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WHOLE_FLAGS = dict(batch_size=12, block_size=64, n_layer=4, n_head=4, n_embd=128, max_iters=2000,
+                   eval_interval=250, eval_iters=20, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100)
+
+
+def prepare_nanogpt_data(nanogpt_dir, data):
+    """Write nanoGPT's char dataset (train.bin, val.bin: uint16 ids; meta.pkl: vocab_size) for the
+    corpus `data` into nanogpt_dir/data/minisparse_<data>/, from minisparse's own char tokenizer and
+    split. Returns the dataset's name."""
+    import pickle
+    from minisparse.data import load_text, split_ids, train_tokenizer
+    text = load_text(data)
+    tok = train_tokenizer(text, "char")
+    train_ids, val_ids = split_ids(tok.encode(text))
+    name = "minisparse_" + "".join(c if c.isalnum() else "_" for c in os.path.basename(data))
+    folder = os.path.join(nanogpt_dir, "data", name)
+    os.makedirs(folder, exist_ok=True)
+    for split, ids in (("train", train_ids), ("val", val_ids)):
+        ids.astype(np.uint16).tofile(os.path.join(folder, split + ".bin"))
+    with open(os.path.join(folder, "meta.pkl"), "wb") as f:
+        pickle.dump({"vocab_size": tok.vocab_size}, f)
+    return name
+
+
+def whole_commands(args, out_root):
+    """{variant: (argv, cwd)} for the whole-run variants."""
+    f = {**WHOLE_FLAGS, "max_iters": args.whole_iters}
+    cmds = {}
+    if args.nanogpt:
+        dataset = prepare_nanogpt_data(args.nanogpt, args.data)
+        cmds["nanoGPT"] = ([sys.executable, "train.py", "config/train_shakespeare_char.py", f"--dataset={dataset}",
+                            "--device=cpu", "--compile=False", "--log_interval=1", "--dropout=0.0",
+                            f"--lr_decay_iters={f['max_iters']}", f"--out_dir={os.path.join(out_root, 'nanogpt')}"]
+                           + [f"--{k}={v}" for k, v in f.items()], args.nanogpt)
+    for label, tree in [("", ROOT)] + [(f" @{_short_rev(d)}", d) for d in args.also]:
+        for name, s in (("minisparse dense", 0.0), ("minisparse Q-Sparse 50%", 0.5)):
+            out = os.path.join(out_root, f"{name}{label}".replace(" ", "_").replace("%", "").replace("@", ""))
+            cmds[name + label] = ([sys.executable, "train_tiny.py", "--data", args.data, "--sparsity", str(s),
+                                   "--out_dir", out] + [a for k, v in f.items() for a in (f"--{k}", str(v))], tree)
+    return cmds
+
+
+def _short_rev(tree):
+    out = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or os.path.basename(os.path.abspath(tree))
+
+
+def final_val_loss(output):
+    """The last val loss a run printed: nanoGPT's "step N: train loss a, val loss b", minisparse's
+    "iter N: train loss a, val loss b"."""
+    import re
+    found = re.findall(r"val loss (\d+\.\d+)", output)
+    return float(found[-1]) if found else float("nan")
+
+
+# Runs a script as `python script args` would, then prints the process's peak RSS. Not the child's
+# ru_maxrss: Linux carries the parent's peak across fork and exec into it, and this process has
+# PyTorch loaded.
+PEAK_RSS = ("import atexit, runpy, sys\n"
+            "atexit.register(lambda: print('peak RSS kB', [l.split()[1] for l in open('/proc/self/status')"
+            " if l.startswith('VmHWM')][0]))\n"
+            "sys.argv = sys.argv[1:]\n"
+            "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+
+
+def run_whole(argv, cwd):
+    """Run one whole training in a fresh process: (wall seconds, final val loss, peak RSS MB)."""
+    import re
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    t0 = time.perf_counter()
+    p = subprocess.run([argv[0], "-c", PEAK_RSS] + argv[1:], cwd=cwd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    out = p.stdout + p.stderr
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed in {cwd}:\n{out[-3000:]}")
+    return wall, final_val_loss(out), int(re.findall(r"peak RSS kB (\d+)", out)[-1]) / 1024
+
+
+def whole_main(args, argv):
+    import tempfile
+    print("machine:", describe())
+    try:
+        import torch
+        print(f"torch {torch.__version__} ({torch.get_num_threads()} threads by default)")
+    except ImportError:
+        print("PyTorch not installed")
+    print("command: python benchmarks/train_speed.py " + " ".join(argv))
+    print(f"flags: {({**WHOLE_FLAGS, 'max_iters': args.whole_iters})}, data {args.data!r}; "
+          f"{args.rounds} round(s), the variants in turn; OPENBLAS_CORETYPE unset for the runs")
+    results = {}
+    with tempfile.TemporaryDirectory() as out_root:
+        cmds = whole_commands(args, out_root)
+        for name, (cmd, cwd) in cmds.items():
+            print(f"{name}: (in {'the nanoGPT checkout' if cwd == args.nanogpt else cwd}) {' '.join(cmd[1:])}")
+        for r in range(args.rounds):
+            for name, (cmd, cwd) in cmds.items():
+                load = os.getloadavg()
+                wall, loss, rss = run_whole(cmd, cwd)
+                results.setdefault(name, []).append((wall, loss, rss))
+                print(f"round {r + 1} {name}: {wall:.1f} s, val loss {loss:.4f}, peak RSS {rss:.0f} MB "
+                      f"(load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f})", flush=True)
+    med = {n: [float(np.median([x[i] for x in v])) for i in range(3)] for n, v in results.items()}
+    print(f"\n{'variant':>32} {'median wall s':>14} {'val loss':>9} {'peak RSS MB':>12}")
+    for n, (wall, loss, rss) in med.items():
+        print(f"{n:>32} {wall:14.1f} {loss:9.4f} {rss:12.0f}")
+    for n in med:
+        if n.startswith("minisparse"):
+            print(f"ratio {n} / " + (f"nanoGPT: {med[n][0] / med['nanoGPT'][0]:.2f}" if "nanoGPT" in med else ""))
+    for n in med:
+        if "Q-Sparse" in n:
+            dense = n.replace("Q-Sparse 50%", "dense")
+            print(f"ratio {n} / {dense}: {med[n][0] / med[dense][0]:.2f}")
+    print("json:", json.dumps({"runs": results, "median": med}))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
@@ -183,7 +315,15 @@ def main(argv=None):
                    help="PyTorch's intra-op threads (match NumPy's BLAS threads)")
     p.add_argument("--mem_steps", type=int, default=20, help="steps per fresh process for peak memory; 0 = skip")
     p.add_argument("--no_torch", action="store_true")
+    p.add_argument("--whole", action="store_true", help="time whole train_tiny.py runs (see above)")
+    p.add_argument("--whole_iters", type=int, default=WHOLE_FLAGS["max_iters"], help="--whole: training steps")
+    p.add_argument("--rounds", type=int, default=1, help="--whole: runs of each variant, in turn")
+    p.add_argument("--data", default="pydoc", help="--whole: the corpus (train_tiny.py's --data)")
+    p.add_argument("--nanogpt", default="", help="--whole: a nanoGPT checkout, to run it too")
+    p.add_argument("--also", action="append", default=[], help="--whole: another minisparse checkout to run too")
     args = p.parse_args(argv)
+    if args.whole:
+        return whole_main(args, argv if argv is not None else sys.argv[1:])
     backend.set_device(args.device)
     names = list(VARIANTS)
     if args.device == "gpu":                   # one thread there anyway: the same run as "minisparse dense"
