@@ -296,6 +296,9 @@ def run(args):
         speed = decode_speed(params, cfg, backend.asarray(x[0, :n0]), plans, n, args.speed_rounds)
         report["speed"] = dict(tokens=n, rounds=args.speed_rounds, tokens_per_s=speed)
     print_table(rows, speed)
+    if speed:
+        print(f"tokens/s: {report['speed']['tokens']} tokens decoded greedy after a {n0}-token prompt, the median "
+              f"of {args.speed_rounds} rounds in which the settings take turns; machine: {report['machine']}")
     report["rows"] = rows
     os.makedirs(report_dir, exist_ok=True)
     write_atomic(os.path.join(report_dir, "evaluation.json"), lambda f: json.dump(report, f, indent=1))
