@@ -95,26 +95,3 @@ def test_model_with_fast_ops_equals_reference(sparsity, nm, kw):
     assert b == pytest.approx(a, rel=1e-13)
     for k in ga:
         np.testing.assert_allclose(gb[k], ga[k], rtol=1e-10, atol=1e-12, err_msg=k)
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("compiled", [True, False], ids=["numba", "numpy"])
-def test_keep_at_least_equals_the_product_bit_for_bit(dtype, compiled, monkeypatch):
-    """fast.topk.keep_at_least(x, t) is x * (|x| >= t) bit for bit: -0.0 where a negative entry is
-    dropped, NaN kept as NaN, infinities; on a non-contiguous 3-D x; with numba's kernel and without."""
-    if not compiled:
-        monkeypatch.setattr(fast_topk, "numba", None)
-    elif fast_topk.numba is None:
-        pytest.skip("numba is not installed")
-    rng = np.random.default_rng(4)
-    x = rng.standard_normal((3, 5, 40)).astype(dtype)[:, :, ::2]          # (3, 5, 20), strided
-    x[0, 0, :6] = [np.nan, -0.5, np.inf, -np.inf, 0.0, -0.0]
-    a = np.abs(x)
-    t = np.sort(a, axis=-1)[..., 10:11]                                   # (3, 5, 1)
-    t[1, 2] = np.inf                                                      # keeps only infinities
-    t[2, 0] = 0.0                                                         # keeps every entry
-    want = x * (a >= t)
-    for got in (fast_topk.keep_at_least(x, t), fast_topk.keep_at_least(x, t, a)):
-        assert got.dtype == dtype and got.shape == x.shape
-        np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))   # the bits, signs of zeros too
-    assert np.signbit(fast_topk.keep_at_least(x, t)[0, 0, 1]) and np.isnan(fast_topk.keep_at_least(x, t)[0, 0, 0])

@@ -10,34 +10,12 @@ skip the tie-break: keeping every |x| >= t (t the K-th largest |x|) keeps more t
 where entries tie with t. If t = 0 the extra entries are zeros, so x * (|x| >= t) is still exactly
 xs; ReLU2's exact zeros make this the common case at the down projection. Only rows with ties at
 t > 0, rare for real-valued activations, go through the reference topk_mask.
-
-keep_at_least(x, t) is x * (|x| >= t), the step after the threshold; with numba (optional) one
-compiled pass over x, where NumPy makes three (|x|, the comparison, the product with the bool
-array, which NumPy converts to float first), with the same products, so the same bits.
 """
-
-import numpy as np
 
 from ..backend import array_module
 from ..linear import sparsify as reference_sparsify
 from ..nm import check_nm
 from ..topk import kept_count, topk_mask
-
-try:                                   # optional: pip install numba
-    import numba
-except ImportError:                    # pragma: no cover - exercised where numba is absent
-    numba = None
-
-if numba is not None:
-    @numba.njit(nogil=True, cache=True)         # nogil: the batch's parts (parallel.py) run it at once
-    def _keep_at_least(x, t, out):
-        N, D = x.shape
-        for n in range(N):
-            tn = t[n]
-            for j in range(D):
-                v = x[n, j]
-                out[n, j] = v * (1.0 if abs(v) >= tn else 0.0)      # x * (|x| >= t): -0.0 and NaN alike
-        return out
 
 
 def kth_largest(a, k):
@@ -53,18 +31,6 @@ def kth_largest(a, k):
     return t, s[..., D - k - 1:D - k] == t
 
 
-def keep_at_least(x, t, a=None):
-    """x * (|x| >= t) for x (..., D) and t (..., 1); a: |x| if already made (the NumPy path uses it).
-    numba's kernel for NumPy arrays where numba is installed, else NumPy (CuPy: one fused op each)."""
-    xp = array_module(x)
-    if numba is None or xp is not np or x.dtype not in (np.float32, np.float64):
-        return x * ((xp.abs(x) if a is None else a) >= t)
-    D = x.shape[-1]
-    x2 = np.ascontiguousarray(x.reshape(-1, D))                 # (N, D)
-    out = _keep_at_least(x2, np.ascontiguousarray(t.reshape(-1), dtype=x.dtype), np.empty_like(x2))
-    return out.reshape(x.shape)
-
-
 def topk_values(x, k):
     """xs = topk.topk_forward(x, k)[0], exactly (up to the sign of a zero), without the mask.
     An infinity is dropped only where infinities tie at t = inf: that row takes topk_mask."""
@@ -76,7 +42,7 @@ def topk_values(x, k):
         return xp.zeros_like(x)
     a = xp.abs(x)
     t, tied = kth_largest(a, k)                                 # (N, 1), (N, 1)
-    xs = keep_at_least(x, t, a)                                 # k entries kept, or more on ties
+    xs = x * (a >= t)                                           # k entries kept, or more on ties
     excess = tied & (t > 0)                                     # (N, 1) rows whose ties matter
     if bool(excess.any()):
         rows = xp.nonzero(excess[..., 0])
