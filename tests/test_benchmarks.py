@@ -67,3 +67,33 @@ def test_batch_decode_benchmark_prints_a_row_per_batch(capsys):
     rows = batch_decode.projection_rows(64, [1, 3], 0.5, repeats=2, cache_mb=0.5)
     assert sorted(rows) == [1, 3] and all(v > 0 for r in rows.values() for v in r.values())
     assert "union" in capsys.readouterr().out
+
+
+def test_whole_run_mode_prepares_nanogpts_data_from_the_same_tokens(tmp_path):
+    """train_speed.py --whole: nanoGPT's char files hold minisparse's own train/val ids, every run
+    gets the baby configuration's flags, and the final val loss is read from either program's output."""
+    import argparse
+    import pickle
+
+    import numpy as np
+    from benchmarks import train_speed
+    from minisparse.data import load_text, split_ids, train_tokenizer
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("to be or not to be, that is the question\n" * 20, encoding="utf-8")
+    args = argparse.Namespace(whole_iters=30, nanogpt=str(tmp_path / "nanogpt"), data=str(corpus), also=[])
+    cmds = train_speed.whole_commands(args, str(tmp_path / "out"))
+    assert list(cmds) == ["nanoGPT", "minisparse dense", "minisparse Q-Sparse 50%"]
+    folder = tmp_path / "nanogpt" / "data" / "minisparse_corpus_txt"
+    tok = train_tokenizer(load_text(str(corpus)), "char")
+    train_ids, val_ids = split_ids(tok.encode(load_text(str(corpus))))
+    assert np.array_equal(np.fromfile(folder / "train.bin", dtype=np.uint16), train_ids)
+    assert np.array_equal(np.fromfile(folder / "val.bin", dtype=np.uint16), val_ids)
+    assert pickle.loads((folder / "meta.pkl").read_bytes()) == {"vocab_size": tok.vocab_size}
+    nano, _ = cmds["nanoGPT"]
+    assert "--compile=False" in nano and "--max_iters=30" in nano and "--dataset=minisparse_corpus_txt" in nano
+    dense, cwd = cmds["minisparse dense"]
+    assert cwd == train_speed.ROOT and dense[dense.index("--sparsity") + 1] == "0.0"
+    assert dense[dense.index("--max_iters") + 1] == "30" and dense[dense.index("--eval_iters") + 1] == "20"
+    assert train_speed.final_val_loss("step 0: train loss 4.5, val loss 4.4176\nstep 250: train loss 2.1, "
+                                      "val loss 2.0500\n") == 2.05
+    assert np.isnan(train_speed.final_val_loss("no evaluation printed"))
