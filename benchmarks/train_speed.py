@@ -295,8 +295,8 @@ def whole_main(args, argv):
     for n, (wall, loss, rss) in med.items():
         print(f"{n:>32} {wall:14.1f} {loss:9.4f} {rss:12.0f}")
     for n in med:
-        if n.startswith("minisparse"):
-            print(f"ratio {n} / " + (f"nanoGPT: {med[n][0] / med['nanoGPT'][0]:.2f}" if "nanoGPT" in med else ""))
+        if n.startswith("minisparse") and "nanoGPT" in med:
+            print(f"ratio {n} / nanoGPT: {med[n][0] / med['nanoGPT'][0]:.2f}")
     for n in med:
         if "Q-Sparse" in n:
             dense = n.replace("Q-Sparse 50%", "dense")
