@@ -13,7 +13,8 @@ Settings (the fallback is always the same weights with top-K off, as generate.py
     tiny TF 50%   the same dense model with 50% top-K switched on without training
     SmolLM2 TF 40%  SmolLM2-135M-Instruct, top-K 40% without training
 Texts: the held-out pydoc split (in distribution: its first half calibrates, prompts come from the
-second half), and lesson 08's shifted texts, the source of textwrap.py and the Zen of Python.
+second half), lesson 08's shifted texts, the source of textwrap.py and the Zen of Python, and the
+Zen as the `this` module stores it, ROT13-encoded: text unlike anything a model was trained on.
 
 For each prompt: the rule's choice, and the loss of the next C tokens of the text (teacher-forced)
 under sparse, under dense, and under the rule's choice; "recovered" is the share of the
@@ -55,7 +56,8 @@ SPEED_PROMPTS, SPEED_TOKENS = 4, 24
 def shifted_texts():
     with contextlib.redirect_stdout(io.StringIO()):          # `import this` prints the Zen
         import this
-    return {"textwrap.py": inspect.getsource(textwrap), "Zen of Python": codecs.decode(this.s, "rot13")}
+    return {"textwrap.py": inspect.getsource(textwrap), "Zen of Python": codecs.decode(this.s, "rot13"),
+            "Zen, ROT13-encoded": this.s}
 
 
 def prompt_windows(ids, T, at_least=8):
