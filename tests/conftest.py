@@ -34,6 +34,17 @@ def row_kinds(rng, N=12, D=24):
     yield "constant", np.repeat(rng.standard_normal((N, 1)), D, axis=1)
 
 
+def write_corpus(tmp_path_factory, words, n_lines, seed=0):
+    """A small text file for a tiny training run: n_lines lines of six words drawn from `words`
+    and a digit, so its char vocabulary is those words' letters, the digits, ' ', '.' and '\n'."""
+    rng = np.random.default_rng(seed)
+    words = words.split()
+    lines = [" ".join(words[i] for i in rng.integers(0, len(words), 6)) + f" {n % 10}." for n in range(n_lines)]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
 def torch_required():
     """True in CI (CI set to anything but '', '0' or 'false') or where MINISPARSE_REQUIRE_TORCH=1."""
     ci = os.environ.get("CI", "").strip().lower() not in ("", "0", "false")

@@ -20,6 +20,7 @@ from minisparse import evaluate as ev
 from minisparse import model
 from minisparse.errors import UsageError
 from minisparse.train import load_run
+from tests.conftest import write_corpus
 from tests.test_programs import assert_one_sentence, call, tiny
 
 
@@ -202,12 +203,7 @@ def test_fallback_rule_scores_the_prompt_span(tmp_path):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    words = "the cat sat on a mat and saw dog run to big red box".split()
-    rng = np.random.default_rng(0)
-    lines = [" ".join(words[i] for i in rng.integers(0, len(words), 6)) + f" {n % 10}." for n in range(300)]
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return write_corpus(tmp_path_factory, "the cat sat on a mat and saw dog run to big red box", 300)
 
 
 @pytest.fixture(scope="module")

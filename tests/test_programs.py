@@ -32,6 +32,7 @@ from minisparse.checkpoint import load_checkpoint, save_checkpoint
 from minisparse.data import load_text, split_ids
 from minisparse.schedule import lr_at
 from minisparse.train import read_metrics
+from tests.conftest import write_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -110,12 +111,7 @@ class Interrupt:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """~3 KB of English-ish text with a small char vocabulary (lowercase, digits, '.', ' ', newline)."""
-    words = "the cat sat on a mat and saw dog run to big red box".split()
-    rng = np.random.default_rng(0)
-    lines = [" ".join(words[i] for i in rng.integers(0, len(words), 6)) + f" {n % 10}." for n in range(120)]
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return write_corpus(tmp_path_factory, "the cat sat on a mat and saw dog run to big red box", 120)
 
 
 def _train(corpus, out_dir, *extra):
