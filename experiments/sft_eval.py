@@ -224,6 +224,13 @@ def main(argv=None):
         f"held-out pydoc topics: {len(pydoc_test)}. Exact match: greedy decoding up to the end of the turn, "
         "the answer stripped, equal to the reference. Loss: mean over the response tokens, the prompt masked.",
         "", header, *[fmt(r) for r in rows], "",
+        "Tokens seen: every position of the padded batches (in brackets, the response tokens the loss "
+        "counted). Minutes and peak memory (maximum resident set) are each run's own, from its log; "
+        "the four SmolLM2 runs ran at the same time on a 2-core machine shared with other jobs, so "
+        "the minutes are no speed measurement.", "",
+        "## Greedy answers (every twelfth test item)", "",
+        *[f"- {r['model']} {r['setting']}, {r['when']}: " +
+          "; ".join(f"{p!r} -> {a!r}" for p, a in r["samples"]) for r in rows], "",
         f"Time of the last call of this script: {(time.perf_counter() - t0) / 60:.1f} minutes.", ""])
     write_atomic(os.path.join(HERE, "sft", "results.md"), text)
     write_atomic(os.path.join(HERE, "sft", "results.json"), json.dumps(rows, indent=1))

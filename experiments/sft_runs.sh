@@ -32,15 +32,17 @@ if [[ $WHAT == smollm2 || $WHAT == all ]]; then
   run smollm2-nm16-32 $SMOL --out_dir out-sft-smollm2-nm   --nm 16:32 &
   wait
 fi
-TINY="--sft tasks --learning_rate 1e-3 --eval_interval 50"
+# one epoch (139 steps) teaches the tiny model the format of an answer, not the tasks: 600 steps
+TINY="--sft tasks --learning_rate 1e-3 --max_iters 600 --eval_interval 200"
 if [[ $WHAT == tiny || $WHAT == all ]]; then
   # pretraining: the default model and corpus, dense SwiGLU (a stand-in for a pretrained LLM, as in
   # lesson 08), a context of 96 characters (the longest chat
   # example of the tasks is 85 tokens with the markers)
   run tiny-pretrain  --out_dir out-sft-tiny-pre --sparsity 0 --activation swiglu --block_size 96 --max_iters 800
-  run tiny-dense     $TINY --init_from out-sft-tiny-pre --out_dir out-sft-tiny-dense --sparsity 0
-  run tiny-s0.5      $TINY --init_from out-sft-tiny-pre --out_dir out-sft-tiny-s0.5  --sparsity 0.5
-  run tiny-nm16-32   $TINY --init_from out-sft-tiny-pre --out_dir out-sft-tiny-nm    --nm 16:32
+  run tiny-dense     $TINY --init_from out-sft-tiny-pre --out_dir out-sft-tiny-dense --sparsity 0 &
+  run tiny-s0.5      $TINY --init_from out-sft-tiny-pre --out_dir out-sft-tiny-s0.5  --sparsity 0.5 &
+  run tiny-nm16-32   $TINY --init_from out-sft-tiny-pre --out_dir out-sft-tiny-nm    --nm 16:32 &
+  wait
 fi
 if [[ $WHAT == eval || $WHAT == all ]]; then
   # the parts at once (each one process, one BLAS thread), then the table from all of them
