@@ -20,8 +20,8 @@ from minisparse import evaluate as ev
 from minisparse import model
 from minisparse.errors import UsageError
 from minisparse.train import load_run
-from tests.conftest import write_corpus
-from tests.test_programs import assert_one_sentence, call, tiny
+from conftest import write_corpus
+from test_programs import assert_one_sentence, call, tiny
 
 
 def small_cfg(**kw):

@@ -32,7 +32,7 @@ from minisparse.checkpoint import load_checkpoint, save_checkpoint
 from minisparse.data import load_text, split_ids
 from minisparse.schedule import lr_at
 from minisparse.train import read_metrics
-from tests.conftest import write_corpus
+from conftest import write_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

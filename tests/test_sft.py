@@ -17,6 +17,7 @@ from minisparse.data import CharTokenizer, tokenizer_from_dict
 from minisparse.errors import UsageError
 from minisparse.loss import IGNORE
 from minisparse.train import load_run, read_metrics
+from conftest import write_corpus
 from test_programs import assert_one_sentence, call, losses, tiny
 
 CHARS = list(" +0123456789:?abcdefghijklmnopqrstuvwxyz\n")
@@ -177,12 +178,8 @@ def jsonl(path, rows):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """~3 KB of words over every lowercase letter (the chat template's roles are spelled with them)."""
-    words = "the quick brown fox jumps over a lazy dog and says its name to user assistant".split()
-    rng = np.random.default_rng(0)
-    lines = [" ".join(words[i] for i in rng.integers(0, len(words), 6)) + f" {n % 10}." for n in range(120)]
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return write_corpus(tmp_path_factory, "the quick brown fox jumps over a lazy dog and says its name to user "
+                        "assistant", 120)
 
 
 @pytest.fixture(scope="module")
