@@ -17,23 +17,15 @@ import argparse
 import csv
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 import numpy as np
 from tqdm import tqdm
 
 from minisparse import backend, evaluate as ev, model
-from minisparse.data import load_text, split_ids
 from minisparse.errors import UsageError
 from minisparse.fast import FAST
-from minisparse.fast.decode import DecodeWeights
-from minisparse.flags import parse_nm
-from minisparse.pretrained import is_pretrained_source, load_gguf
-from minisparse.sampling import generate
-from minisparse.train import load_run
 
 DEFAULT_SPARSITIES = "0,0.3,0.4,0.5,0.6"
 
@@ -74,42 +66,10 @@ def build_parser():
     return p
 
 
-def parse_settings(text):
-    """'0,0.5,16:32' -> [(0.0, None), (0.5, None), (0.0, (16, 32))]."""
-    out = []
-    for item in str(text).split(","):
-        item = item.strip()
-        if ":" in item:
-            out.append((0.0, parse_nm(item)))
-            continue
-        try:
-            s = float(item)
-        except ValueError:
-            s = float("nan")
-        if not 0 <= s < 1:
-            raise UsageError(f"--sparsity item {item!r} is not allowed: give top-K sparsities in [0, 1) or "
-                             "N:M blocks such as 16:32, separated by commas.")
-        out.append((s, None))
-    return out
 
 
-def load_source(source):
-    """A run directory, 'smollm2' or a .gguf file -> (params, cfg, tokenizer, data source, template)."""
-    if is_pretrained_source(source):
-        params, cfg, tok, template = load_gguf(source, block_size=256)
-        return params, cfg, tok, "pydoc", template
-    params, _, cfg, tok, meta = load_run(source)
-    return params, cfg, tok, meta.get("train", {}).get("data", "pydoc"), None
 
 
-def text_ids(tok, data, default_source):
-    """The tokens to measure on: the whole --data file, or the held-out split of the corpus."""
-    if data:
-        text = load_text(data)
-        if not text.strip():
-            raise UsageError(f"--data {data!r} is empty: give a file with text to measure on.")
-        return np.asarray(tok.encode(text), dtype=np.int64)
-    return split_ids(tok.encode(load_text(default_source)))[1]
 
 
 def write_atomic(path, write):
@@ -125,18 +85,6 @@ def write_atomic(path, write):
         raise
 
 
-def decode_speed(params, cfg, prompt, plans, n_tokens, rounds):
-    """Decode tokens/s of each uniform plan, greedy, the plans taking turns: {label: median}."""
-    fast = DecodeWeights(params, cfg) if any(not p.spec(0, "qkv").dense for p in plans) else None
-    times = {p.label: [] for p in plans}
-    for _ in range(rounds):
-        for p in plans:
-            spec = p.spec(0, "qkv")
-            t0 = time.perf_counter()
-            generate(params, cfg, prompt[None], n_tokens, 0.0, None, None, spec, None,
-                     None if spec.dense else fast, None, FAST)
-            times[p.label].append(n_tokens / (time.perf_counter() - t0))
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def print_table(rows, speed):
@@ -184,15 +132,15 @@ def run_ab(args):
     (a_src, a_set), (b_src, b_set) = [(s.split("@", 1) + [None])[:2] for s in args.ab]
     models = []
     for src, setting in ((a_src, a_set), (b_src, b_set)):
-        params, cfg, tok, default_data, _ = load_source(src)
+        params, cfg, tok, default_data, _ = ev.load_source(src)
         if setting is None:
             plan = ev.uniform(cfg, cfg.sparsity, cfg.nm, label="as trained")
         else:
-            (s, nm), = parse_settings(setting)
+            (s, nm), = ev.parse_settings(setting)
             model.GPTConfig(**{**cfg.to_dict(), "sparsity": s, "nm": nm})
             plan = ev.uniform(cfg, s, nm)
         models.append((src, params, cfg, tok, default_data, plan))
-    ids = [text_ids(m[3], args.data, m[4]) for m in models]
+    ids = [ev.text_ids(m[3], args.data, m[4]) for m in models]
     if len(ids[0]) != len(ids[1]) or not np.array_equal(ids[0], ids[1]):
         raise UsageError(f"--ab {a_src!r} and {b_src!r} tokenize the text differently, so their losses are not "
                          "on the same tokens: compare models that share a tokenizer.")
@@ -233,8 +181,8 @@ def run(args):
         write_atomic(os.path.join(report_dir, "ab.json"), lambda f: json.dump(result, f, indent=1))
         print(f"wrote {os.path.join(report_dir, 'ab.json')}")
         return
-    settings = parse_settings(args.sparsity)
-    params, cfg, tok, default_data, _ = load_source(source)
+    settings = ev.parse_settings(args.sparsity)
+    params, cfg, tok, default_data, _ = ev.load_source(source)
     trained = (cfg.sparsity, cfg.nm)
     if trained not in settings and trained != (0.0, None):
         settings.append(trained)
@@ -247,7 +195,7 @@ def run(args):
     if args.allocate_at is not None and ev.uniform(cfg, args.allocate_at).label not in topk:
         raise UsageError(f"--allocate_at {args.allocate_at} is not allowed: it must be one of the top-K "
                          f"sparsities of --sparsity ({', '.join(topk) or 'none'}).")
-    ids = text_ids(tok, args.data, default_data)
+    ids = ev.text_ids(tok, args.data, default_data)
     T = args.block or min(256, cfg.block_size)
     if not 2 <= T <= cfg.block_size:
         raise UsageError(f"--block {T} is not allowed: it must be in [2, block_size = {cfg.block_size}].")
@@ -293,7 +241,7 @@ def run(args):
     if args.speed_tokens:
         n0 = min(16, T)                                  # the prompt: the first tokens of the text
         n = max(1, min(args.speed_tokens, cfg.block_size - n0))
-        speed = decode_speed(params, cfg, backend.asarray(x[0, :n0]), plans, n, args.speed_rounds)
+        speed = ev.decode_speed(params, cfg, backend.asarray(x[0, :n0]), plans, n, args.speed_rounds)
         report["speed"] = dict(tokens=n, rounds=args.speed_rounds, tokens_per_s=speed)
     print_table(rows, speed)
     if speed:

@@ -26,6 +26,8 @@ prompt-loss rule of generate.py --fallback auto.
 import json
 import math
 import os
+import statistics
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,8 +37,14 @@ from .backend import to_numpy
 from .errors import UsageError
 from .linear import sparse_linear_forward, zero_fraction
 from .model import SITE_WEIGHTS, SITES
-from .pretrained import is_pretrained_source
+from .data import load_text, split_ids
+from .fast import FAST
+from .fast.decode import DecodeWeights
+from .flags import parse_nm
+from .pretrained import is_pretrained_source, load_gguf
+from .sampling import generate
 from .topk import kept_count
+from .train import load_run
 
 BOOTSTRAP = 2000                  # resamples: the interval's ends move by well under its width
 
@@ -381,12 +389,6 @@ def threshold_for(thresholds, n):
     return float(thresholds[str(k)] if str(k) in thresholds else thresholds[k]), k
 
 
-def default_report_dir(source):
-    """Where evaluate.py writes, and generate.py --fallback auto reads, a model's report:
-    RUN/eval for a run, eval-NAME in the current directory for a pretrained model."""
-    if is_pretrained_source(source):
-        return "eval-" + os.path.splitext(os.path.basename(str(source)))[0]
-    return os.path.join(source, "eval")
 
 
 class FallbackRule:
@@ -438,3 +440,66 @@ def find_span(ids, part):
         if n and list(ids[s:s + n]) == list(part):
             return s, s + n
     return None
+
+
+# ----------------------------------------------------------------------------------------
+# evaluate.py's inputs: models, texts, settings; and decode speed
+
+def default_report_dir(source):
+    """Where evaluate.py writes, and generate.py --fallback auto reads, a model's report:
+    RUN/eval for a run, eval-NAME in the current directory for a pretrained model."""
+    if is_pretrained_source(source):
+        return "eval-" + os.path.splitext(os.path.basename(str(source)))[0]
+    return os.path.join(source, "eval")
+
+
+def parse_settings(text):
+    """'0,0.5,16:32' -> [(0.0, None), (0.5, None), (0.0, (16, 32))]."""
+    out = []
+    for item in str(text).split(","):
+        item = item.strip()
+        if ":" in item:
+            out.append((0.0, parse_nm(item)))
+            continue
+        try:
+            s = float(item)
+        except ValueError:
+            s = float("nan")
+        if not 0 <= s < 1:
+            raise UsageError(f"--sparsity item {item!r} is not allowed: give top-K sparsities in [0, 1) or "
+                             "N:M blocks such as 16:32, separated by commas.")
+        out.append((s, None))
+    return out
+
+
+def load_source(source):
+    """A run directory, 'smollm2' or a .gguf file -> (params, cfg, tokenizer, data source, template)."""
+    if is_pretrained_source(source):
+        params, cfg, tok, template = load_gguf(source, block_size=256)
+        return params, cfg, tok, "pydoc", template
+    params, _, cfg, tok, meta = load_run(source)
+    return params, cfg, tok, meta.get("train", {}).get("data", "pydoc"), None
+
+
+def text_ids(tok, data, default_source):
+    """The tokens to measure on: the whole --data file, or the held-out split of the corpus."""
+    if data:
+        text = load_text(data)
+        if not text.strip():
+            raise UsageError(f"--data {data!r} is empty: give a file with text to measure on.")
+        return np.asarray(tok.encode(text), dtype=np.int64)
+    return split_ids(tok.encode(load_text(default_source)))[1]
+
+
+def decode_speed(params, cfg, prompt, plans, n_tokens, rounds):
+    """Decode tokens/s of each uniform plan, greedy, the plans taking turns: {label: median}."""
+    fast = DecodeWeights(params, cfg) if any(not p.spec(0, "qkv").dense for p in plans) else None
+    times = {p.label: [] for p in plans}
+    for _ in range(rounds):
+        for p in plans:
+            spec = p.spec(0, "qkv")
+            t0 = time.perf_counter()
+            generate(params, cfg, prompt[None], n_tokens, 0.0, None, None, spec, None,
+                     None if spec.dense else fast, None, FAST)
+            times[p.label].append(n_tokens / (time.perf_counter() - t0))
+    return {k: statistics.median(v) for k, v in times.items()}
