@@ -275,14 +275,22 @@ def whole_main(args, argv):
         print(f"torch {torch.__version__} ({torch.get_num_threads()} threads by default)")
     except ImportError:
         print("PyTorch not installed")
-    print("command: python benchmarks/train_speed.py " + " ".join(argv))
+    def shown(text):                           # the log names no path of this machine
+        for path, name in ((out_root, "TMPDIR"), (args.nanogpt, "NANOGPT_DIR"),
+                           *((d, f"CHECKOUT_{i}") for i, d in enumerate(args.also)), (ROOT, "this checkout")):
+            if path:
+                text = text.replace(os.path.abspath(path), name).replace(path, name)
+        return text
+
+    out_root = ""
+    print(shown("command: python benchmarks/train_speed.py " + " ".join(argv)))
     print(f"flags: {({**WHOLE_FLAGS, 'max_iters': args.whole_iters})}, data {args.data!r}; "
           f"{args.rounds} round(s), the variants in turn; OPENBLAS_CORETYPE unset for the runs")
     results = {}
     with tempfile.TemporaryDirectory() as out_root:
         cmds = whole_commands(args, out_root)
         for name, (cmd, cwd) in cmds.items():
-            print(f"{name}: (in {'the nanoGPT checkout' if cwd == args.nanogpt else cwd}) {' '.join(cmd[1:])}")
+            print(shown(f"{name}: (in {'the nanoGPT checkout' if cwd == args.nanogpt else cwd}) {' '.join(cmd[1:])}"))
         for r in range(args.rounds):
             for name, (cmd, cwd) in cmds.items():
                 load = os.getloadavg()
