@@ -23,7 +23,7 @@ import tempfile
 import numpy as np
 from tqdm import tqdm
 
-from minisparse import backend, evaluate as ev, model
+from minisparse import backend, evaluate as ev
 from minisparse.errors import UsageError
 from minisparse.fast import FAST
 
@@ -85,8 +85,6 @@ def write_atomic(path, write):
         raise
 
 
-
-
 def print_table(rows, speed):
     head = (f"{'setting':>10s} {'ppl':>8s} {'95% CI':>17s} {'vs dense':>9s} {'95% CI':>17s} "
             f"{'top-1 agree':>11s} {'KL nats':>8s} {'N_a nominal':>12s} {'N_a measured':>12s} {'tok/s':>7s}")
@@ -137,7 +135,6 @@ def run_ab(args):
             plan = ev.uniform(cfg, cfg.sparsity, cfg.nm, label="as trained")
         else:
             (s, nm), = ev.parse_settings(setting)
-            model.GPTConfig(**{**cfg.to_dict(), "sparsity": s, "nm": nm})
             plan = ev.uniform(cfg, s, nm)
         models.append((src, params, cfg, tok, default_data, plan))
     ids = [ev.text_ids(m[3], args.data, m[4]) for m in models]
@@ -186,9 +183,7 @@ def run(args):
     trained = (cfg.sparsity, cfg.nm)
     if trained not in settings and trained != (0.0, None):
         settings.append(trained)
-    for s, nm in settings:                                   # each setting checked against this model
-        model.GPTConfig(**{**cfg.to_dict(), "sparsity": s, "nm": nm})
-    plans = [ev.uniform(cfg, s, nm) for s, nm in settings]
+    plans = [ev.uniform(cfg, s, nm) for s, nm in settings]           # each checked against this model
     labels = [p.label for p in plans]
     plans = [p for i, p in enumerate(plans) if p.label not in labels[:i]]         # each setting once
     topk = [p.label for p in plans if p.spec(0, "qkv").nm is None and not p.spec(0, "qkv").dense]

@@ -9,6 +9,7 @@ the training data); another value overrides the trained top-K sparsity.
 
 import argparse
 import os
+from dataclasses import replace
 import sys
 import time
 
@@ -86,9 +87,8 @@ def run(args):
         stop_id = ids_eot[0]                       # the instruct model ends its turn with <|im_end|>
     spec = cfg.spec
     if args.sparsity is not None:
-        model.GPTConfig(**{**cfg.to_dict(), "sparsity": args.sparsity, "nm": None})   # validates the value
-        spec = cfg.spec_at(args.sparsity)
-    run_cfg = model.GPTConfig(**{**cfg.to_dict(), "sparsity": spec.sparsity, "nm": spec.nm})
+        spec = replace(cfg, sparsity=args.sparsity, nm=None).spec      # GPTConfig checks the value
+    run_cfg = replace(cfg, sparsity=spec.sparsity, nm=spec.nm)
     plan = None
     if args.sparsity_plan:
         if args.sparsity is not None or args.fallback != "off":
@@ -117,7 +117,7 @@ def run(args):
                    model.REFERENCE if args.reference else FAST, on_prefill)
     if decision.get("dense"):
         spec = cfg.spec_at(0.0)
-        run_cfg = model.GPTConfig(**{**cfg.to_dict(), "sparsity": 0.0, "nm": None})
+        run_cfg = replace(cfg, sparsity=0.0, nm=None)
     dt = time.perf_counter() - t0
     for i, row in enumerate(out):
         if args.num_samples > 1:

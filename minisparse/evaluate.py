@@ -28,7 +28,7 @@ import math
 import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -93,22 +93,17 @@ def plan_from_report(path, cfg):
 
 
 def uniform(cfg, sparsity=0.0, nm=None, label=None):
-    """One sparsity (or N:M) at every site: what --sparsity / --nm give."""
-    spec = cfg.spec_at(sparsity, nm)
+    """One sparsity (or N:M) at every site: what --sparsity / --nm give. The setting is checked
+    against the model as GPTConfig checks it (one sentence for, say, an N:M that does not divide C)."""
+    spec = replace(cfg, sparsity=sparsity, nm=nm).spec
     if label is None:
         label = "dense" if spec.dense else (f"{nm[0]}:{nm[1]}" if nm else f"S={sparsity:g}")
     return Plan({(l, s): spec for l in range(cfg.n_layer) for s in SITES}, label)
 
 
-def site_dims(cfg):
-    """Each site's (D inputs, O outputs summed over its weights)."""
-    C, Hd, Ckv = cfg.n_embd, cfg.n_hidden, cfg.n_kv_head * (cfg.n_embd // cfg.n_head)
-    return {"qkv": (C, C + 2 * Ckv), "o": (C, C), "up_gate": (C, 2 * Hd), "down": (Hd, C)}
-
-
 def nominal_na(cfg, plan):
     """N_a of a plan, nominal: for every projection, the inputs kept by its spec times its outputs."""
-    dims = site_dims(cfg)
+    dims = model.site_dims(cfg)
     total = 0
     for (l, site), spec in plan.specs.items():
         D, O = dims[site]
@@ -119,8 +114,7 @@ def nominal_na(cfg, plan):
 
 def measured_na(cfg, zeros):
     """N_a from the measured zero fraction at each (layer, site) (natural zeros counted too)."""
-    dims = site_dims(cfg)
-    return int(round(sum((1.0 - z) * dims[site][1] * dims[site][0] for (l, site), z in zeros.items())))
+    return model.activated_params(cfg, {l: {site: zeros[l, site] for site in SITES} for l in range(cfg.n_layer)})
 
 
 # ----------------------------------------------------------------------------------------
@@ -174,13 +168,17 @@ class Scores:
     zeros: dict                # (l, site) -> measured zero fraction of the projection inputs
 
 
+def windows_per_forward(W, T, V):
+    """Windows scored in one forward: about 8M logits at a time, at least one."""
+    return max(1, min(W, (8 << 20) // (T * V)))
+
+
 def score(params, cfg, x, y, plans, ops=model.REFERENCE, batch=None, progress=None):
     """Score every plan on the same windows, against the dense model -> {label: Scores}.
     The dense plan is scored once whether or not it is listed; batch: windows per forward
     (default: about 8M logits at a time). progress: a callable(n) told of each window done."""
     W, T = x.shape
-    V = cfg.vocab_size
-    batch = batch or max(1, min(W, (8 << 20) // (T * V)))
+    batch = batch or windows_per_forward(W, T, cfg.vocab_size)
     dense = uniform(cfg)
     plans = [dense] + [p for p in plans if p.label != dense.label]
     out = {p.label: dict(loss=np.empty((W, T)), kl=np.zeros((W, T)), agree=np.ones((W, T), bool), zeros={})
@@ -232,12 +230,11 @@ def summarize(scores, cfg, idx):
         win = s.loss.mean(axis=1)
         ppl = interval(win, lambda a: math.exp(a.mean()), idx)
         dppl = interval(win - d_win, lambda a: math.expm1(a.mean()), idx)
+        _, kl_lo, kl_hi = interval(s.kl.mean(axis=1), np.mean, idx)
         rows.append(dict(
             setting=label, ppl=ppl[0], ppl_lo=ppl[1], ppl_hi=ppl[2],
             d_ppl=dppl[0], d_ppl_lo=dppl[1], d_ppl_hi=dppl[2],
-            agree=float(s.agree.mean()), kl=float(s.kl.mean()),
-            kl_lo=interval(s.kl.mean(axis=1), np.mean, idx)[1],
-            kl_hi=interval(s.kl.mean(axis=1), np.mean, idx)[2],
+            agree=float(s.agree.mean()), kl=float(s.kl.mean()), kl_lo=kl_lo, kl_hi=kl_hi,
             na_nominal=nominal_na(cfg, s.plan), na_measured=measured_na(cfg, s.zeros),
             sparsity_by_site={site: float(np.mean([z for (l, st), z in s.zeros.items() if st == site]))
                               for site in SITES}))
@@ -319,7 +316,7 @@ def sensitivity(params, cfg, x, y, groups, ops, levels=LEVELS, progress=None):
 def score_loss(params, cfg, x, y, plan, ops, batch=None):
     """Mean next-token loss of one plan on the windows (no dense comparison)."""
     W, T = x.shape
-    batch = batch or max(1, min(W, (8 << 20) // (T * cfg.vocab_size)))
+    batch = batch or windows_per_forward(W, T, cfg.vocab_size)
     total = 0.0
     for s in range(0, W, batch):
         lp = log_softmax(plan_forward(params, cfg, x[s:s + batch], plan, ops))
@@ -331,15 +328,14 @@ def allocate(cfg, groups, curves, base, target_na, levels=LEVELS):
     """Greedy: start dense; repeatedly raise the one group whose next step costs the least loss per
     weight saved, until N_a <= target_na. Assumes the groups' losses add (each curve was measured with
     the others dense), which the held-out comparison then checks. -> Plan."""
-    dims = site_dims(cfg)
+    dims = model.site_dims(cfg)
 
     def saved(members, s):
         return sum((dims[site][0] - kept_count(dims[site][0], s)) * dims[site][1] for (_, site) in members)
 
     level = {g: 0.0 for g in groups}
     cost = {g: {0.0: base, **curves[g]} for g in groups}
-    full = nominal_na(cfg, uniform(cfg))
-    na = full
+    na = nominal_na(cfg, uniform(cfg))                  # dense
     while na > target_na:
         best = None
         for g, members in groups.items():
@@ -383,12 +379,10 @@ def fallback_thresholds(loss, quantile):
 def threshold_for(thresholds, n):
     """The calibrated threshold for a prompt of n tokens: that of the longest calibrated length <= n
     (the shortest one for shorter prompts), since a short prompt's mean loss is noisier."""
-    lengths = sorted(int(k) for k in thresholds)
-    below = [k for k in lengths if k <= n]
-    k = below[-1] if below else lengths[0]
-    return float(thresholds[str(k)] if str(k) in thresholds else thresholds[k]), k
-
-
+    by_length = {int(k): v for k, v in thresholds.items()}          # JSON keys are strings
+    below = [k for k in sorted(by_length) if k <= n]
+    k = below[-1] if below else min(by_length)
+    return float(by_length[k]), k
 
 
 class FallbackRule:

@@ -216,17 +216,21 @@ def count_params(cfg):
     return cfg.n_layer * (2 * C * C + 2 * C * Ckv + 3 * C * Hd)
 
 
+def site_dims(cfg):
+    """Each site's (D inputs, O outputs summed over the weights that share its input)."""
+    C, Hd, Ckv = cfg.n_embd, cfg.n_hidden, cfg.n_kv_head * (cfg.n_embd // cfg.n_head)
+    return {"qkv": (C, C + 2 * Ckv), "o": (C, C), "up_gate": (C, 2 * Hd), "down": (Hd, C)}
+
+
 def activated_params(cfg, measured=None):
     """N_a per token: for every projection, (inputs that reach it) x (its outputs).
 
     Without `measured`, the nominal count from K (top-K) or keep/block (N:M). With
     `measured` (from `measured_sparsity`), the measured nonzero fraction at each site,
     which also counts ReLU2's natural zeros at the down projection."""
-    C, Hd, Ckv = cfg.n_embd, cfg.n_hidden, cfg.n_kv_head * (cfg.n_embd // cfg.n_head)
-    outs = {"qkv": (C, C + 2 * Ckv), "o": (C, C), "up_gate": (C, 2 * Hd), "down": (Hd, C)}
     total = 0.0
     for l in range(cfg.n_layer):
-        for site, (D, O) in outs.items():
+        for site, (D, O) in site_dims(cfg).items():
             if measured is not None:
                 kept = (1.0 - measured[l][site]) * D
             elif cfg.nm is not None:
