@@ -107,8 +107,7 @@ def nominal_na(cfg, plan):
     total = 0
     for (l, site), spec in plan.specs.items():
         D, O = dims[site]
-        kept = D * spec.nm[0] // spec.nm[1] if spec.nm is not None else kept_count(D, spec.sparsity)
-        total += kept * O
+        total += spec.kept(D) * O
     return total
 
 

@@ -61,7 +61,7 @@ import numpy as np
 
 from .backend import to_numpy
 from .errors import UsageError
-from .model import SITES, param_shapes
+from .model import SITES, param_shapes, site_dims
 from .pretrained import NAMES as GGUF_NAMES
 from .quant import weight_quant_forward
 from .topk import kept_count
@@ -115,9 +115,8 @@ def hf_state_dict(params, cfg):
 
 def qsparse_settings(cfg):
     """config.json's "qsparse": what install_qsparse_hooks needs, and what a reader needs to know."""
-    widths = {"qkv": cfg.n_embd, "o": cfg.n_embd, "up_gate": cfg.n_embd, "down": cfg.n_hidden}
-    kept = {site: (D * cfg.nm[0] // cfg.nm[1] if cfg.nm is not None else kept_count(D, cfg.sparsity))
-            for site, D in widths.items()}
+    widths = {site: D for site, (D, _) in site_dims(cfg).items()}
+    kept = {site: cfg.spec.kept(D) for site, D in widths.items()}
     return {"sparsity": cfg.sparsity, "nm": list(cfg.nm) if cfg.nm is not None else None,
             "ste": cfg.ste, "a_bits": cfg.a_bits, "w_bits": cfg.w_bits,
             "weights": "ternary" if cfg.w_bits == 1.58 else "full",

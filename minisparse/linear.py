@@ -48,7 +48,10 @@ class SparseSpec:
         return self.nm is None and self.sparsity == 0.0
 
     def kept(self, D):
-        """K, the inputs top-K keeps of D (topk.kept_count)."""
+        """The inputs of D a token keeps, nominally: K = topk.kept_count for top-K, D * keep // block
+        for N:M (every block keeps `keep`); D when dense."""
+        if self.nm is not None:
+            return D * self.nm[0] // self.nm[1]
         return kept_count(D, self.sparsity)
 
 

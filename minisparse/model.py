@@ -231,12 +231,7 @@ def activated_params(cfg, measured=None):
     total = 0.0
     for l in range(cfg.n_layer):
         for site, (D, O) in site_dims(cfg).items():
-            if measured is not None:
-                kept = (1.0 - measured[l][site]) * D
-            elif cfg.nm is not None:
-                kept = D * cfg.nm[0] // cfg.nm[1]
-            else:
-                kept = kept_count(D, cfg.sparsity)
+            kept = (1.0 - measured[l][site]) * D if measured is not None else cfg.spec.kept(D)
             total += kept * O
     return int(round(total))
 

@@ -37,3 +37,13 @@ def test_kept_infinity_stays_infinite(dtype):
     assert not np.isnan(xs).any()
     np.testing.assert_array_equal(xs, want)
     np.testing.assert_array_equal(mask, want != 0)
+
+
+def test_spec_kept_counts_what_each_token_keeps():
+    """SparseSpec.kept, the nominal count behind N_a: keep of every block for N:M, K for top-K."""
+    from minisparse.linear import SparseSpec
+    assert SparseSpec(nm=(2, 4)).kept(16) == 8 and SparseSpec(nm=(3, 8)).kept(16) == 6
+    assert SparseSpec(0.5).kept(16) == 8 and SparseSpec(0.3).kept(10) == 7 and SparseSpec().kept(16) == 16
+    x = np.random.default_rng(0).normal(size=(5, 16))
+    xs, _ = nm_forward(x, 3, 8)
+    assert np.all((xs != 0).sum(axis=1) == SparseSpec(nm=(3, 8)).kept(16))
