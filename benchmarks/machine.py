@@ -2,6 +2,7 @@
 
 import os
 import platform
+import sys
 
 
 def cpu_name():
@@ -25,7 +26,10 @@ def describe(device="cpu"):
         parts += blas
     except ImportError:
         pass
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_CORETYPE"):
+    numba = sys.modules.get("numba")                   # named only where the benchmark loaded it
+    if numba is not None:
+        parts.append(f"numba {numba.__version__} ({numba.get_num_threads()} threads)")
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
         if os.environ.get(var):
             parts.append(f"{var}={os.environ[var]}")
     if device == "gpu":

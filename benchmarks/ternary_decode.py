@@ -9,8 +9,8 @@ weights that add up to twice the last-level cache, so that every call reads main
 model's many matrices would:
   float32 dense           x @ W^T (BLAS)
   float32 S               fast.rowsparse.topk_rows_matvec (numba): the selected rows of W^T
-  ternary dense           ternary.ternary_sparse_matvec at S = 0 with fast.ternary's kernel:
-                          INT8 codes of x times every packed row
+  ternary dense           fast.ternary.ternary_sparse_matvec at S = 0 (equal to
+                          ternary.ternary_sparse_matvec): INT8 codes of x times every packed row
   ternary S               the same at top-K S: only the selected packed rows
 Every sparse and ternary time includes its selection and quantization of x. The variants take
 turns (decode_speed.interleaved_ms); each cell is a median. Needs numba.
@@ -75,8 +75,7 @@ def main(argv=None):
             fs.append(lambda i, K=K: fast_rowsparse.topk_rows_matvec(x, K, Wts[i % n_fp], "numba"))
         for S in [0.0] + Ss:
             spec = SparseSpec(S, a_bits=8, w_bits=1.58)
-            fs.append(lambda i, spec=spec: ternary.ternary_sparse_matvec(
-                x, spec, tws[i % n_t], rows_matvec=fast_ternary.ternary_rows_matvec))
+            fs.append(lambda i, spec=spec: fast_ternary.ternary_sparse_matvec(x, spec, tws[i % n_t]))
         ts = interleaved_ms(fs, time.perf_counter, args.repeats)     # BLAS with its own threads
         dense = ts[0]
         print(f"{D:5d} {dense:10.3f}" + "".join(f" {t:10.3f}" for t in ts[1:]))

@@ -10,8 +10,9 @@ y = xs[idx] @ Wt[idx] reads only the rows idx where xs is nonzero (rowsparse.py)
 row-sparse product only where fast.rowsparse.auto_method says it pays, and leaves the other
 projections to the masked product (decode.py). A 1.58-bit model (w_bits 1.58, a_bits 8) on the CPU
 stores its projections packed, 2 bits a weight (ternary.py), and multiplies INT8 codes by them:
-with numba through fast/ternary.py's kernel, else (and with method "gather") through ternary.py's
-reference. On the GPU it keeps float copies of the ternary weights.
+with numba through fast/ternary.py (the selection, the quantization and the kernel), else (and
+with method "gather") through ternary.py's reference. On the GPU it keeps float copies of the
+ternary weights.
 
 A call of several tokens (a batch of samples) multiplies them together, reading the union of
 their selected rows once (rowsparse.union_rows_matmul; numba's kernel where it is installed).
@@ -26,7 +27,7 @@ import numpy as np
 
 from .. import rowsparse, ternary
 from ..backend import array_module
-from ..linear import quantized_input, quantized_weights
+from ..linear import SparseSpec, quantized_input, quantized_weights
 from ..model import SITE_WEIGHTS
 from . import rowsparse as fast_rowsparse
 from . import ternary as fast_ternary
@@ -79,7 +80,8 @@ class DecodeWeights:
         if self.ternary:
             if fast_ternary.numba is not None and self.wt and self.method != "gather":
                 tw = next(iter(self.wt.values()))[0]
-                fast_ternary.ternary_rows_matvec(np.ones(1, np.int32), np.zeros(1, np.int64), tw.packed, tw.O)
+                x = np.ones(tw.packed.shape[0], dtype=tw.col_scale.dtype)
+                fast_ternary.ternary_sparse_matvec(x, SparseSpec(0.0, a_bits=8, w_bits=1.58), tw)
             return
         warm = list({wt.shape[0]: wt for wt, _ in self.wt.values()}.values())   # one Wt per input width
         if xp is np:
@@ -98,9 +100,9 @@ class DecodeWeights:
     def select(self, row, spec, wt):
         """One token's input row (D,) -> y (sum O_i,), rows read."""
         if self.ternary:                       # INT8 codes times the packed ternary rows (ternary.py)
-            fast = fast_ternary.numba is not None and self.method != "gather"
-            return ternary.ternary_sparse_matvec(
-                row, spec, wt, fast_ternary.ternary_rows_matvec if fast else ternary.ternary_rows_matvec)
+            if fast_ternary.numba is not None and self.method != "gather":
+                return fast_ternary.ternary_sparse_matvec(row, spec, wt)
+            return ternary.ternary_sparse_matvec(row, spec, wt)
         if self.method == "gather":            # the reference (rowsparse.py)
             return rowsparse.sparse_rows_matvec(row, spec, wt)
         if spec.a_bits != 16:                  # INT8 inputs: the reference selection, then the kernel

@@ -1,28 +1,59 @@
-"""The compiled 2-bit kernel: ternary.ternary_rows_matvec with numba, equal to it exactly (integer
-sums; tests/test_ternary.py).
+"""The compiled 2-bit decode: ternary.py's functions with numba, equal to them exactly
+(tests/test_ternary.py).
 
     fast.ternary.ternary_rows_matvec(qv, idx, packed, O)  ==  ternary.ternary_rows_matvec(qv, idx, packed, O)
+    fast.ternary.ternary_sparse_matvec(x, spec, tw)       ==  ternary.ternary_sparse_matvec(x, spec, tw)
 
-Why faster: the reference unpacks the K selected rows into a (K, O) int32 array and multiplies;
-this kernel reads each selected row's bytes once and adds v * u into four contiguous
-accumulators, one per quarter of the row (ternary.py's layout), so the inner loop over a row's
-bytes is shift, mask, multiply, add on contiguous arrays: LLVM vectorizes it. Four rows are
-added per pass, so the accumulators (a tile of them stays in L1) are read and written once per
-four rows instead of once per row. The stored u = c + 1
-saves the subtraction per weight; sum_k qv[k] is subtracted once per column at the end.
-Threads take separate tiles of the bytes. Needs numba.
+Both give the same integer sums; ternary_sparse_matvec also gives the same y bit for bit, since
+it quantizes with the same float operations in the same order, unfused.
+
+Why faster: the products v * u (|v| <= 128, u = c + 1 in {0, 1, 2}) and their sums over a block
+of 120 rows fit in int16, so the kernel adds them in int16 lanes, twice as many a vector as
+int32, and moves each block's sums into int32 accumulators. numba widens every integer
+operation to int64, so the two int16 operations are written as LLVM intrinsics (`_field`,
+`_mac`); LLVM then vectorizes the loop over a row's bytes into 16-bit shifts, masks,
+multiplies and adds. Each byte holds four columns, one from each quarter of the row
+(ternary.py's layout), so each quarter has its own contiguous accumulator. Four rows are added
+per pass over the accumulators, which stay in L1. Threads take equal tiles of the bytes.
+ternary_sparse_matvec also selects with fast.topk.topk_nonzero and quantizes only the kept
+entries inside the compiled call, so a token costs one selection and one call. Needs numba.
 """
 
 import numpy as np
 
+from ..quant import EPS
+from .topk import topk_nonzero
+
 try:                                   # optional: pip install numba
     import numba
+    from numba import types
+    from numba.extending import intrinsic
 except ImportError:                    # pragma: no cover - exercised where numba is absent
     numba = None
 
+BLOCK_ROWS = 120       # rows summed in int16 before moving to int32: 120 * 128 * 2 < 2**15
+
 if numba is not None:
-    @numba.njit(parallel=True, fastmath=True, cache=True)
+    @intrinsic
+    def _field(typingctx, b, shift):
+        """(b >> shift) & 3 of a byte, as int16."""
+        def codegen(context, builder, signature, args):
+            w = builder.zext(args[0], context.get_value_type(types.int16))
+            return builder.and_(builder.lshr(w, args[1]), context.get_constant(types.int16, 3))
+        return types.int16(types.uint8, types.int16), codegen
+
+    @intrinsic
+    def _mac(typingctx, acc, v, u):
+        """acc + v * u in int16 (wrapping; BLOCK_ROWS keeps it from wrapping)."""
+        def codegen(context, builder, signature, args):
+            return builder.add(args[0], builder.mul(args[1], args[2]))
+        return types.int16(types.int16, types.int16, types.int16), codegen
+
+    S0, S1, S2, S3 = np.int16(0), np.int16(2), np.int16(4), np.int16(6)
+
+    @numba.njit(parallel=True, cache=True)
     def _ternary_rows(qv, idx, packed, acc, tile):
+        """acc (4 Q,) int32 = sum_k qv[k] * C[idx[k], :], for qv (K,) int16 codes."""
         Q = packed.shape[1]
         K = idx.shape[0]
         total = 0
@@ -32,46 +63,113 @@ if numba is not None:
             j0 = t * tile
             j1 = min(Q, j0 + tile)
             n = j1 - j0
-            a0 = np.zeros(n, dtype=np.int32)
-            a1 = np.zeros(n, dtype=np.int32)
-            a2 = np.zeros(n, dtype=np.int32)
-            a3 = np.zeros(n, dtype=np.int32)
+            A0, A1 = np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.int32)         # int32 sums
+            A2, A3 = np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.int32)
+            a0, a1 = np.zeros(n, dtype=np.int16), np.zeros(n, dtype=np.int16)         # one block's
+            a2, a3 = np.zeros(n, dtype=np.int16), np.zeros(n, dtype=np.int16)
             k = 0
-            while k + 4 <= K:              # four rows a pass: the accumulators are read and written
-                v0, v1, v2, v3 = qv[k], qv[k + 1], qv[k + 2], qv[k + 3]     # once per four rows
-                r0, r1 = packed[idx[k], j0:j1], packed[idx[k + 1], j0:j1]
-                r2, r3 = packed[idx[k + 2], j0:j1], packed[idx[k + 3], j0:j1]
-                for j in range(n):
-                    b0, b1, b2, b3 = np.int32(r0[j]), np.int32(r1[j]), np.int32(r2[j]), np.int32(r3[j])
-                    a0[j] += v0 * (b0 & 3) + v1 * (b1 & 3) + v2 * (b2 & 3) + v3 * (b3 & 3)
-                    a1[j] += v0 * ((b0 >> 2) & 3) + v1 * ((b1 >> 2) & 3) + v2 * ((b2 >> 2) & 3) + v3 * ((b3 >> 2) & 3)
-                    a2[j] += v0 * ((b0 >> 4) & 3) + v1 * ((b1 >> 4) & 3) + v2 * ((b2 >> 4) & 3) + v3 * ((b3 >> 4) & 3)
-                    a3[j] += v0 * (b0 >> 6) + v1 * (b1 >> 6) + v2 * (b2 >> 6) + v3 * (b3 >> 6)
-                k += 4
             while k < K:
-                v = qv[k]
-                row = packed[idx[k], j0:j1]
+                kend = min(K, k + BLOCK_ROWS)
+                while k + 4 <= kend:                   # four rows a pass over the accumulators
+                    v0, v1, v2, v3 = qv[k], qv[k + 1], qv[k + 2], qv[k + 3]
+                    r0, r1 = packed[idx[k], j0:j1], packed[idx[k + 1], j0:j1]
+                    r2, r3 = packed[idx[k + 2], j0:j1], packed[idx[k + 3], j0:j1]
+                    for j in range(n):
+                        b0, b1, b2, b3 = r0[j], r1[j], r2[j], r3[j]
+                        a0[j] = _mac(_mac(_mac(_mac(a0[j], v0, _field(b0, S0)), v1, _field(b1, S0)),
+                                          v2, _field(b2, S0)), v3, _field(b3, S0))
+                        a1[j] = _mac(_mac(_mac(_mac(a1[j], v0, _field(b0, S1)), v1, _field(b1, S1)),
+                                          v2, _field(b2, S1)), v3, _field(b3, S1))
+                        a2[j] = _mac(_mac(_mac(_mac(a2[j], v0, _field(b0, S2)), v1, _field(b1, S2)),
+                                          v2, _field(b2, S2)), v3, _field(b3, S2))
+                        a3[j] = _mac(_mac(_mac(_mac(a3[j], v0, _field(b0, S3)), v1, _field(b1, S3)),
+                                          v2, _field(b2, S3)), v3, _field(b3, S3))
+                    k += 4
+                while k < kend:
+                    v = qv[k]
+                    row = packed[idx[k], j0:j1]
+                    for j in range(n):
+                        b = row[j]
+                        a0[j] = _mac(a0[j], v, _field(b, S0))
+                        a1[j] = _mac(a1[j], v, _field(b, S1))
+                        a2[j] = _mac(a2[j], v, _field(b, S2))
+                        a3[j] = _mac(a3[j], v, _field(b, S3))
+                    k += 1
                 for j in range(n):
-                    b = np.int32(row[j])
-                    a0[j] += v * (b & 3)
-                    a1[j] += v * ((b >> 2) & 3)
-                    a2[j] += v * ((b >> 4) & 3)
-                    a3[j] += v * (b >> 6)
-                k += 1
-            for j in range(n):
-                acc[j0 + j] = a0[j] - total
-                acc[Q + j0 + j] = a1[j] - total
-                acc[2 * Q + j0 + j] = a2[j] - total
-                acc[3 * Q + j0 + j] = a3[j] - total
+                    A0[j] += a0[j]
+                    A1[j] += a1[j]
+                    A2[j] += a2[j]
+                    A3[j] += a3[j]
+                    a0[j] = 0
+                    a1[j] = 0
+                    a2[j] = 0
+                    a3[j] = 0
+            for j in range(n):                         # u = c + 1: subtract sum_k qv[k] once
+                acc[j0 + j] = A0[j] - total
+                acc[Q + j0 + j] = A1[j] - total
+                acc[2 * Q + j0 + j] = A2[j] - total
+                acc[3 * Q + j0 + j] = A3[j] - total
         return acc
 
+    @numba.njit(cache=True)
+    def _quantize_kept(x, idx, c127, eps):
+        """quant.quantize_activations of the kept entries x[idx] (the others are zeros, which change
+        neither gamma nor their own code 0): the nonzero codes (int16), their rows, and the scale.
+        The same float operations as quant.py, in x's dtype (no fastmath: the same roundings)."""
+        gamma = x.dtype.type(0)
+        for i in idx:
+            gamma = max(gamma, abs(x[i]))
+        scale = c127 / (gamma + eps)
+        codes = np.empty(idx.shape[0], dtype=np.int16)
+        rows = np.empty(idx.shape[0], dtype=np.int64)
+        K = 0
+        for i in idx:
+            q = min(max(np.rint(x[i] * scale), -128.0), 127.0)
+            if q != 0:
+                codes[K] = np.int16(q)
+                rows[K] = i
+                K += 1
+        return codes[:K], rows[:K], scale
 
-def ternary_rows_matvec(qv, idx, packed, O, tile=1024):
-    """acc (O,) int32 = sum_k qv[k] * C[idx[k], :], reading each selected row of `packed` once."""
+
+def _tile(Q, tile):
+    """Equal tiles, a multiple of the thread count of them, each at most `tile` bytes wide."""
+    P = numba.get_num_threads()
+    n_tiles = P * -(-Q // (P * tile))
+    return max(16, -(-Q // n_tiles))
+
+
+def ternary_rows_matvec(qv, idx, packed, O, tile=2048):
+    """acc (O,) int32 = sum_k qv[k] * C[idx[k], :], reading each selected row of `packed` once.
+    qv: integer codes in [-128, 127]."""
     if numba is None:
         raise RuntimeError("the compiled ternary kernel needs numba: pip install numba")
     Q = packed.shape[1]
     acc = np.empty(4 * Q, dtype=np.int32)
-    _ternary_rows(np.ascontiguousarray(qv, dtype=np.int32), np.ascontiguousarray(idx, dtype=np.int64),
-                  packed, acc, tile)
+    _ternary_rows(np.ascontiguousarray(qv, dtype=np.int16), np.ascontiguousarray(idx, dtype=np.int64),
+                  packed, acc, _tile(Q, tile))
     return acc[:O]
+
+
+_all_rows = {}
+
+
+def ternary_sparse_matvec(x, spec, tw, rows_matvec=None):
+    """One token x (D,) of a 1.58-bit model: y (O,) and the rows read, as
+    ternary.ternary_sparse_matvec(x, spec, tw). rows_matvec is accepted for the same signature
+    and ignored: this function always runs the compiled kernel."""
+    if numba is None:
+        raise RuntimeError("the compiled ternary kernel needs numba: pip install numba")
+    D = x.shape[0]
+    if spec.nm is not None:
+        idx = topk_nonzero(x, spec.nm[0], spec.nm[1])              # ascending positions kept
+    elif spec.sparsity == 0.0:
+        if D not in _all_rows:                                     # dense: every row, zeros dropped below
+            _all_rows[D] = np.arange(D, dtype=np.int64)
+        idx = _all_rows[D]
+    else:
+        idx = topk_nonzero(x, spec.kept(D))
+    dtype = x.dtype.type
+    qv, rows, scale = _quantize_kept(x, idx, dtype(127.0), dtype(EPS))
+    acc = ternary_rows_matvec(qv, rows, tw.packed, tw.O)
+    return acc.astype(tw.col_scale.dtype) * (tw.col_scale / dtype(scale)), int(rows.shape[0])
