@@ -9,7 +9,7 @@ to the function it replaces. The programs use them; a reader can leave them out 
     embedding.py           the embedding's scatter-add by sorting                     (embedding.py)
     parallel.py            a training step's batch split over CPU threads   (model.forward_backward)
     rowsparse.py, .cu      row-sparse kernels: chunked NumPy, numba, CUDA             (rowsparse.py)
-    ternary.py             the 2-bit packed ternary product, numba          (ternary.ternary_rows_matvec)
+    ternary.py             the 2-bit packed ternary product, numba   (ternary.ternary_rows_matvec, _sparse_matvec)
     decode.py              DecodeWeights: which projections decode row-sparse, and how (decode.py)
     runtime.py             malloc and BLAS-thread settings (no numbers change)
 
