@@ -19,16 +19,27 @@ from ..topk import kept_count, topk_mask
 
 
 def kth_largest(a, k):
-    """t, tied, both (..., 1), for a (..., D) and 1 <= k < D: t is the k-th largest entry of
-    each row, and tied says whether the next smaller entry equals t, i.e. whether a >= t keeps
-    more than k entries (only then does the tie-break by index matter).
+    """t, tied, both (..., 1), for a (..., D) = |x| (no entry negative) and 1 <= k < D: t is the
+    k-th largest entry of each row, and tied says whether the next smaller entry equals t, i.e.
+    whether a >= t keeps more than k entries (only then does the tie-break by index matter).
 
     A full sort rather than a partition: NumPy's vectorized sort is faster at these widths
-    (benchmarks/RESULTS.md), and the sorted row gives `tied` without counting the kept entries."""
+    (benchmarks/RESULTS.md), and the sorted row gives `tied` without counting the kept entries.
+    Floats are sorted as the integers of their bits (sort_key): the same order for |x|, and
+    NumPy's integer sort skips the float sort's handling of NaN."""
     D = a.shape[-1]
-    s = array_module(a).sort(a, axis=-1)                        # (..., D) ascending
+    s = array_module(a).sort(sort_key(a), axis=-1).view(a.dtype)   # (..., D) ascending
     t = s[..., D - k:D - k + 1]
     return t, s[..., D - k - 1:D - k] == t
+
+
+def sort_key(a):
+    """a (no entry negative, no -0.0: an abs) as the signed integers of its bits, a view: for such
+    floats the integers ascend as the floats do, +inf above every number and NaN (sign bit clear
+    after abs) above +inf, where NumPy's float sort puts NaN too. Integer arrays are their own key."""
+    if a.dtype.kind != "f":
+        return a
+    return a.view(f"i{a.dtype.itemsize}")
 
 
 def topk_values(x, k):
