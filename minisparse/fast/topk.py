@@ -49,7 +49,7 @@ def topk_values(x, k):
 
     A row with at most k nonzeros keeps all of them (t = 0), so xs = x there and its sort is
     skipped: ReLU2's zeros make most rows of the down projection's input so. The rows are counted
-    only where x holds a zero at all (a min, cheaper than counting)."""
+    only where x holds a zero at all (a min of the sort keys, cheaper than counting)."""
     xp = array_module(x)
     D = x.shape[-1]
     if k >= D:
@@ -57,7 +57,7 @@ def topk_values(x, k):
     if k <= 0:
         return xp.zeros_like(x)
     a = xp.abs(x)
-    if bool(a.min() == 0):                                      # (a NaN min: no zero is sure, sort all)
+    if bool(sort_key(a).min() == 0):                            # some entry is 0 (a NaN's key is large)
         over = row_nonzeros(a) > k                              # (...,) rows that drop a nonzero
         if not bool(over.all()):
             if not bool(over.any()):
@@ -80,10 +80,10 @@ def row_nonzeros(a):
 def keep_kth_largest(x, a, k):
     """x * topk_mask(x, k) for rows x (..., D) with a = |x|, up to the sign of a zero: every
     |x| >= t is kept (t the k-th largest), and only rows where the next smaller |x| ties with
-    t > 0 go through the tie-broken topk_mask."""
+    t > 0 go through the tie-broken topk_mask. xs is written into a's memory (a is used up)."""
     xp = array_module(x)
     t, tied = kth_largest(a, k)                                 # (..., 1), (..., 1)
-    xs = x * (a >= t)                                           # k entries kept, or more on ties
+    xs = xp.multiply(x, a >= t, out=a)                          # k entries kept, or more on ties
     excess = tied & (t > 0)                                     # (..., 1) rows whose ties matter
     if bool(excess.any()):
         rows = xp.nonzero(excess[..., 0])
