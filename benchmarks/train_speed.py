@@ -284,6 +284,12 @@ def whole_main(args, argv):
 
     out_root = ""
     print(shown("command: python benchmarks/train_speed.py " + " ".join(argv)))
+    git = ["git", "-C", ROOT]
+    rev = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    edited = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                            text=True).stdout.strip()
+    print(f"this checkout: revision {rev or 'unknown (not a git checkout)'}"
+          + (", with uncommitted changes" if rev and edited else ""))
     print(f"flags: {({**WHOLE_FLAGS, 'max_iters': args.whole_iters})}, data {args.data!r}; "
           f"{args.rounds} round(s), the variants in turn; OPENBLAS_CORETYPE unset for the runs")
     results = {}

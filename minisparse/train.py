@@ -417,10 +417,10 @@ def train(tc, given=(), progress=True, log=print):
             if tc.sft:
                 line.update(tokens=int(x.size), response_tokens=int((y != IGNORE).sum()))
             metrics.write(json.dumps(line) + "\n")
-            if bar:
+            if bar:                     # the postfix is drawn when update redraws (tqdm's mininterval),
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_per_s:,.0f}",      # not at every step
+                                sparsity=f"{sum(sparsity.values()) / len(sparsity):.2f}", refresh=False)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_per_s:,.0f}",
-                                sparsity=f"{sum(sparsity.values()) / len(sparsity):.2f}")
             if stop["asked"]:
                 last_saved = save(it + 1)
                 stopped = True

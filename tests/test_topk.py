@@ -8,7 +8,7 @@ import pytest
 from conftest import row_kinds
 from minisparse.errors import UsageError
 from minisparse.linear import SparseSpec, sparse_linear_backward, sparse_linear_forward, sparsify, zero_fraction
-from minisparse.fast.topk import topk_nonzero, topk_values
+from minisparse.fast.topk import kth_largest, row_nonzeros, sort_key, topk_nonzero, topk_values
 from minisparse.nm import nm_mask
 from minisparse.topk import kept_count, topk_backward, topk_forward, topk_mask
 
@@ -44,6 +44,47 @@ def test_topk_values_equal_x_times_the_exact_mask(k):
         assert (topk_values(x, k) != 0).sum(axis=-1).max() <= k, kind
     x3 = rng.integers(-3, 4, size=(3, 5, 16)).astype(np.float32)          # ties at t > 0, 3-d
     np.testing.assert_array_equal(topk_values(x3, 6), x3 * reference_topk_mask(x3, 6))
+
+
+def test_topk_values_skips_rows_of_few_nonzeros_exactly():
+    """topk_values sorts only the rows with more than k nonzeros; the others are x. In one 3-d batch:
+    rows of few nonzeros (an inf among them), rows of many with ties at t > 0, rows of many with
+    none (one of them k + 1); then a batch where no row has more than k (xs is x), and one without
+    any zero."""
+    rng = np.random.default_rng(5)
+    k = 6
+    few = np.where(np.arange(16) % 3 == 0, rng.standard_normal((4, 16)), 0.0)           # 6 nonzeros
+    few[0, 3] = np.inf
+    ties = rng.integers(1, 3, size=(4, 16)) * rng.choice([-1.0, 1.0], size=(4, 16))
+    many = rng.standard_normal((4, 16))
+    many[0, k + 1:] = 0.0                                               # k + 1 nonzeros: drops one
+    x = np.stack([few, ties, many]).astype(np.float32)                  # (3, 4, 16)
+    counts = row_nonzeros(np.abs(x))
+    np.testing.assert_array_equal(counts, np.count_nonzero(x, axis=-1))
+    assert (counts[0] <= k).all() and (counts[1:] > k).all()
+    np.testing.assert_array_equal(topk_values(x, k), np.where(reference_topk_mask(x, k), x, 0))
+    np.testing.assert_array_equal(topk_values(few, k), few)
+    np.testing.assert_array_equal(topk_values(many, k), np.where(reference_topk_mask(many, k), many, 0))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_kth_largest_sorts_the_bits_as_the_float_sort_would(dtype):
+    """kth_largest sorts |x| as integers (sort_key): t and tied must be those of NumPy's float sort,
+    for rows holding zeros (-0.0 too), subnormals, the largest finite value, inf and NaN."""
+    info = np.finfo(dtype)
+    special = np.array([0.0, -0.0, info.smallest_subnormal, -info.smallest_subnormal, info.tiny, 1.0, -1.0,
+                        info.max, -info.max, np.inf, -np.inf, np.nan], dtype=dtype)
+    rng = np.random.default_rng(7)
+    rows = np.concatenate([rng.choice(special, size=(200, 16)),
+                           rng.standard_normal((20, 16)).astype(dtype)])
+    a = np.abs(rows)
+    s = np.sort(a, axis=-1)                                     # the float sort: NaN last
+    assert np.isnan(s[:, -1]).sum() > 100 and np.isinf(s).any() and (s == 0).any()
+    np.testing.assert_array_equal(np.sort(sort_key(a), axis=-1).view(dtype), s)
+    for k in (1, 5, 8, 15):
+        t, tied = kth_largest(a, k)
+        np.testing.assert_array_equal(t, s[:, 16 - k:17 - k])
+        np.testing.assert_array_equal(tied, s[:, 15 - k:16 - k] == s[:, 16 - k:17 - k])
 
 
 @pytest.mark.parametrize("k", [0, 1, 5, 12, 23, 24])

@@ -7,9 +7,10 @@ where no tie can matter.
 Why faster: the reference builds the tie-broken mask (a cumsum over every row) and keeps it for
 the backward. Under the straight-through estimator the backward needs no mask, and xs alone can
 skip the tie-break: keeping every |x| >= t (t the K-th largest |x|) keeps more than K entries only
-where entries tie with t. If t = 0 the extra entries are zeros, so x * (|x| >= t) is still exactly
-xs; ReLU2's exact zeros make this the common case at the down projection. Only rows with ties at
-t > 0, rare for real-valued activations, go through the reference topk_mask.
+where entries tie with t. If t = 0 (a row of at most K nonzeros) the extra entries are zeros and
+the row is x itself, found by counting its nonzeros, without a sort; ReLU2's exact zeros make this
+the common case at the down projection. Only rows with ties at t > 0, rare for real-valued
+activations, go through the reference topk_mask.
 """
 
 from ..backend import array_module
@@ -19,21 +20,36 @@ from ..topk import kept_count, topk_mask
 
 
 def kth_largest(a, k):
-    """t, tied, both (..., 1), for a (..., D) and 1 <= k < D: t is the k-th largest entry of
-    each row, and tied says whether the next smaller entry equals t, i.e. whether a >= t keeps
-    more than k entries (only then does the tie-break by index matter).
+    """t, tied, both (..., 1), for a (..., D) = |x| (no entry negative) and 1 <= k < D: t is the
+    k-th largest entry of each row, and tied says whether the next smaller entry equals t, i.e.
+    whether a >= t keeps more than k entries (only then does the tie-break by index matter).
 
     A full sort rather than a partition: NumPy's vectorized sort is faster at these widths
-    (benchmarks/RESULTS.md), and the sorted row gives `tied` without counting the kept entries."""
+    (benchmarks/RESULTS.md), and the sorted row gives `tied` without counting the kept entries.
+    Floats are sorted as the integers of their bits (sort_key): the same order for |x|, and
+    NumPy's integer sort skips the float sort's handling of NaN."""
     D = a.shape[-1]
-    s = array_module(a).sort(a, axis=-1)                        # (..., D) ascending
+    s = array_module(a).sort(sort_key(a), axis=-1).view(a.dtype)   # (..., D) ascending
     t = s[..., D - k:D - k + 1]
     return t, s[..., D - k - 1:D - k] == t
 
 
+def sort_key(a):
+    """a (no entry negative, no -0.0: an abs) as the signed integers of its bits, a view: for such
+    floats the integers ascend as the floats do, +inf above every number and NaN (sign bit clear
+    after abs) above +inf, where NumPy's float sort puts NaN too. Integer arrays are their own key."""
+    if a.dtype.kind != "f":
+        return a
+    return a.view(f"i{a.dtype.itemsize}")
+
+
 def topk_values(x, k):
     """xs = topk.topk_forward(x, k)[0], exactly (up to the sign of a zero), without the mask.
-    An infinity is dropped only where infinities tie at t = inf: that row takes topk_mask."""
+    An infinity is dropped only where infinities tie at t = inf: that row takes topk_mask.
+
+    A row with at most k nonzeros keeps all of them (t = 0), so xs = x there and its sort is
+    skipped: ReLU2's zeros make most rows of the down projection's input so. The rows are counted
+    only where x holds a zero at all (a min of the sort keys, cheaper than counting)."""
     xp = array_module(x)
     D = x.shape[-1]
     if k >= D:
@@ -41,9 +57,34 @@ def topk_values(x, k):
     if k <= 0:
         return xp.zeros_like(x)
     a = xp.abs(x)
-    t, tied = kth_largest(a, k)                                 # (N, 1), (N, 1)
-    xs = x * (a >= t)                                           # k entries kept, or more on ties
-    excess = tied & (t > 0)                                     # (N, 1) rows whose ties matter
+    if bool(sort_key(a).min() == 0):                            # some entry is 0 (a NaN's key is large)
+        over = row_nonzeros(a) > k                              # (...,) rows that drop a nonzero
+        if not bool(over.all()):
+            if not bool(over.any()):
+                return x
+            rows = xp.nonzero(over)
+            xs = x.copy()
+            xs[rows] = keep_kth_largest(x[rows], a[rows], k)    # (R, D)
+            return xs
+    return keep_kth_largest(x, a, k)
+
+
+def row_nonzeros(a):
+    """The nonzero entries of each row of a (..., D): (...,) ints. Sums the flags as bytes into
+    small integers, which NumPy reduces faster than count_nonzero along an axis."""
+    D = a.shape[-1]
+    flags = (a != 0).view(array_module(a).uint8)
+    return flags.sum(axis=-1, dtype="u2" if D < 2 ** 16 else "i8")
+
+
+def keep_kth_largest(x, a, k):
+    """x * topk_mask(x, k) for rows x (..., D) with a = |x|, up to the sign of a zero: every
+    |x| >= t is kept (t the k-th largest), and only rows where the next smaller |x| ties with
+    t > 0 go through the tie-broken topk_mask. xs is written into a's memory (a is used up)."""
+    xp = array_module(x)
+    t, tied = kth_largest(a, k)                                 # (..., 1), (..., 1)
+    xs = xp.multiply(x, a >= t, out=a)                          # k entries kept, or more on ties
+    excess = tied & (t > 0)                                     # (..., 1) rows whose ties matter
     if bool(excess.any()):
         rows = xp.nonzero(excess[..., 0])
         xs[rows] = xp.where(topk_mask(x[rows], k), x[rows], 0)      # (inf * False would be NaN)
