@@ -14,7 +14,8 @@ operation to int64, so the two int16 operations are written as LLVM intrinsics (
 `_mac`); LLVM then vectorizes the loop over a row's bytes into 16-bit shifts, masks,
 multiplies and adds. Each byte holds four columns, one from each quarter of the row
 (ternary.py's layout), so each quarter has its own contiguous accumulator. Four rows are added
-per pass over the accumulators, which stay in L1. Threads take equal tiles of the bytes.
+per pass over the accumulators. Each thread takes an equal share of the selected rows and reads
+them whole, one contiguous stream, into its own partial sums, which are added at the end.
 ternary_sparse_matvec also selects with fast.topk.topk_nonzero and quantizes only the kept
 entries inside the compiled call, so a token costs one selection and one call. Needs numba.
 """
@@ -51,64 +52,68 @@ if numba is not None:
 
     S0, S1, S2, S3 = np.int16(0), np.int16(2), np.int16(4), np.int16(6)
 
+    @numba.njit(cache=True)
+    def _rows_into(qv, idx, packed, A, k0, k1):
+        """A (4, Q) int32 += sum_{k0 <= k < k1} qv[k] * U[idx[k]], U the stored codes u = c + 1,
+        quarter i of the row in A[i]; whole rows, four a pass, int16 sums for each block of rows."""
+        Q = packed.shape[1]
+        a0, a1 = np.zeros(Q, dtype=np.int16), np.zeros(Q, dtype=np.int16)     # one block's sums
+        a2, a3 = np.zeros(Q, dtype=np.int16), np.zeros(Q, dtype=np.int16)
+        k = k0
+        while k < k1:
+            kend = min(k1, k + BLOCK_ROWS)
+            while k + 4 <= kend:                       # four rows a pass over the accumulators
+                v0, v1, v2, v3 = qv[k], qv[k + 1], qv[k + 2], qv[k + 3]
+                r0, r1, r2, r3 = packed[idx[k]], packed[idx[k + 1]], packed[idx[k + 2]], packed[idx[k + 3]]
+                for j in range(Q):
+                    b0, b1, b2, b3 = r0[j], r1[j], r2[j], r3[j]
+                    a0[j] = _mac(_mac(_mac(_mac(a0[j], v0, _field(b0, S0)), v1, _field(b1, S0)),
+                                      v2, _field(b2, S0)), v3, _field(b3, S0))
+                    a1[j] = _mac(_mac(_mac(_mac(a1[j], v0, _field(b0, S1)), v1, _field(b1, S1)),
+                                      v2, _field(b2, S1)), v3, _field(b3, S1))
+                    a2[j] = _mac(_mac(_mac(_mac(a2[j], v0, _field(b0, S2)), v1, _field(b1, S2)),
+                                      v2, _field(b2, S2)), v3, _field(b3, S2))
+                    a3[j] = _mac(_mac(_mac(_mac(a3[j], v0, _field(b0, S3)), v1, _field(b1, S3)),
+                                      v2, _field(b2, S3)), v3, _field(b3, S3))
+                k += 4
+            while k < kend:
+                v = qv[k]
+                row = packed[idx[k]]
+                for j in range(Q):
+                    b = row[j]
+                    a0[j] = _mac(a0[j], v, _field(b, S0))
+                    a1[j] = _mac(a1[j], v, _field(b, S1))
+                    a2[j] = _mac(a2[j], v, _field(b, S2))
+                    a3[j] = _mac(a3[j], v, _field(b, S3))
+                k += 1
+            for j in range(Q):                         # the block's sums into int32
+                A[0, j] += a0[j]
+                A[1, j] += a1[j]
+                A[2, j] += a2[j]
+                A[3, j] += a3[j]
+                a0[j] = 0
+                a1[j] = 0
+                a2[j] = 0
+                a3[j] = 0
+
     @numba.njit(parallel=True, cache=True)
-    def _ternary_rows(qv, idx, packed, acc, tile):
-        """acc (4 Q,) int32 = sum_k qv[k] * C[idx[k], :], for qv (K,) int16 codes."""
+    def _ternary_rows(qv, idx, packed, acc, P):
+        """acc (4 Q,) int32 = sum_k qv[k] * C[idx[k], :], for qv (K,) int16 codes; P parts of the
+        rows, one a thread, each summed whole rows at a time into its own partial sums."""
         Q = packed.shape[1]
         K = idx.shape[0]
         total = 0
         for k in range(K):
             total += qv[k]
-        for t in numba.prange((Q + tile - 1) // tile):
-            j0 = t * tile
-            j1 = min(Q, j0 + tile)
-            n = j1 - j0
-            A0, A1 = np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.int32)         # int32 sums
-            A2, A3 = np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.int32)
-            a0, a1 = np.zeros(n, dtype=np.int16), np.zeros(n, dtype=np.int16)         # one block's
-            a2, a3 = np.zeros(n, dtype=np.int16), np.zeros(n, dtype=np.int16)
-            k = 0
-            while k < K:
-                kend = min(K, k + BLOCK_ROWS)
-                while k + 4 <= kend:                   # four rows a pass over the accumulators
-                    v0, v1, v2, v3 = qv[k], qv[k + 1], qv[k + 2], qv[k + 3]
-                    r0, r1 = packed[idx[k], j0:j1], packed[idx[k + 1], j0:j1]
-                    r2, r3 = packed[idx[k + 2], j0:j1], packed[idx[k + 3], j0:j1]
-                    for j in range(n):
-                        b0, b1, b2, b3 = r0[j], r1[j], r2[j], r3[j]
-                        a0[j] = _mac(_mac(_mac(_mac(a0[j], v0, _field(b0, S0)), v1, _field(b1, S0)),
-                                          v2, _field(b2, S0)), v3, _field(b3, S0))
-                        a1[j] = _mac(_mac(_mac(_mac(a1[j], v0, _field(b0, S1)), v1, _field(b1, S1)),
-                                          v2, _field(b2, S1)), v3, _field(b3, S1))
-                        a2[j] = _mac(_mac(_mac(_mac(a2[j], v0, _field(b0, S2)), v1, _field(b1, S2)),
-                                          v2, _field(b2, S2)), v3, _field(b3, S2))
-                        a3[j] = _mac(_mac(_mac(_mac(a3[j], v0, _field(b0, S3)), v1, _field(b1, S3)),
-                                          v2, _field(b2, S3)), v3, _field(b3, S3))
-                    k += 4
-                while k < kend:
-                    v = qv[k]
-                    row = packed[idx[k], j0:j1]
-                    for j in range(n):
-                        b = row[j]
-                        a0[j] = _mac(a0[j], v, _field(b, S0))
-                        a1[j] = _mac(a1[j], v, _field(b, S1))
-                        a2[j] = _mac(a2[j], v, _field(b, S2))
-                        a3[j] = _mac(a3[j], v, _field(b, S3))
-                    k += 1
-                for j in range(n):
-                    A0[j] += a0[j]
-                    A1[j] += a1[j]
-                    A2[j] += a2[j]
-                    A3[j] += a3[j]
-                    a0[j] = 0
-                    a1[j] = 0
-                    a2[j] = 0
-                    a3[j] = 0
-            for j in range(n):                         # u = c + 1: subtract sum_k qv[k] once
-                acc[j0 + j] = A0[j] - total
-                acc[Q + j0 + j] = A1[j] - total
-                acc[2 * Q + j0 + j] = A2[j] - total
-                acc[3 * Q + j0 + j] = A3[j] - total
+        parts = np.zeros((P, 4, Q), dtype=np.int32)
+        for p in numba.prange(P):
+            _rows_into(qv, idx, packed, parts[p], K * p // P, K * (p + 1) // P)
+        for i in range(4):                             # u = c + 1: subtract sum_k qv[k] once
+            for j in range(Q):
+                s = -total
+                for p in range(P):
+                    s += parts[p, i, j]
+                acc[i * Q + j] = s
         return acc
 
     @numba.njit(cache=True)
@@ -132,22 +137,16 @@ if numba is not None:
         return codes[:K], rows[:K], scale
 
 
-def _tile(Q, tile):
-    """Equal tiles, a multiple of the thread count of them, each at most `tile` bytes wide."""
-    P = numba.get_num_threads()
-    n_tiles = P * -(-Q // (P * tile))
-    return max(16, -(-Q // n_tiles))
-
-
-def ternary_rows_matvec(qv, idx, packed, O, tile=2048):
+def ternary_rows_matvec(qv, idx, packed, O, parts=0):
     """acc (O,) int32 = sum_k qv[k] * C[idx[k], :], reading each selected row of `packed` once.
-    qv: integer codes in [-128, 127]."""
+    qv: integer codes in [-128, 127]. parts: how many shares of the rows the threads take (0: one
+    for each of numba's threads)."""
     if numba is None:
         raise RuntimeError("the compiled ternary kernel needs numba: pip install numba")
     Q = packed.shape[1]
     acc = np.empty(4 * Q, dtype=np.int32)
     _ternary_rows(np.ascontiguousarray(qv, dtype=np.int16), np.ascontiguousarray(idx, dtype=np.int64),
-                  packed, acc, _tile(Q, tile))
+                  packed, acc, parts or numba.get_num_threads())
     return acc[:O]
 
 
