@@ -39,7 +39,8 @@ def generate(params, cfg, prompt_ids, max_new_tokens, temperature=1.0, top_k=Non
              spec=None, meter=None, fast=None, stop_id=None, ops=REFERENCE, on_prefill=None):
     """prompt_ids (B, T0) ints -> (B, T0 + n) ints, as a NumPy array, n <= max_new_tokens.
 
-    fast: a fast.decode.DecodeWeights, to read only the selected weight rows; ops: model.Ops.
+    fast: a fast.decode.DecodeWeights, to read only the selected weight rows; each call then goes through
+    its decode_forward (a single token through fast/step.py's compiled step where it applies); ops: model.Ops.
     stop_id: a token (end of turn) after which a row is done; generation ends when every row is.
     on_prefill: called once with the prompt's logits (B, T0, V) and its ids (B, T0); it may return another spec (the dense
     fallback), and then the prompt is run again with that spec, without `fast`, and decoding goes on

@@ -8,6 +8,7 @@ import pytest
 pytest.importorskip("numba")
 
 from minisparse import decode, model  # noqa: E402
+from minisparse.errors import UsageError  # noqa: E402
 from minisparse.evaluate import Plan  # noqa: E402
 from minisparse.fast import step as fast_step  # noqa: E402
 from minisparse.fast.decode import DecodeWeights  # noqa: E402
@@ -130,3 +131,11 @@ def test_generate_with_the_step_equals_the_reference():
         want = generate(ref, cfg, prompt, 10, 0.0, spec=spec)
         got = generate(params, cfg, prompt, 10, 0.0, spec=spec, fast=fast)
         np.testing.assert_array_equal(got, want)
+
+
+def test_step_on_a_full_cache_raises_the_reference_error():
+    cfg, ref, params, fast = build(TINY)
+    kv = decode.new_cache(params, cfg, 1)
+    fast.decode_forward(params, cfg, np.zeros((1, cfg.block_size), dtype=np.int64), kv, None, None, fast)
+    with pytest.raises(UsageError, match="longer than block_size"):
+        fast.decode_forward(params, cfg, np.zeros((1, 1), dtype=np.int64), kv, None, None, fast)

@@ -13,6 +13,10 @@ stores its projections packed, 2 bits a weight (ternary.py), and multiplies INT8
 with numba through fast/ternary.py's kernel, else (and with method "gather") through ternary.py's
 reference. On the GPU it keeps float copies of the ternary weights.
 
+With numba, DecodeWeights also builds the compiled decode step (fast/step.py) for 16-bit models:
+every site's input-major Wt, so that a single token's whole step runs compiled, dense included;
+`DecodeWeights.decode_forward` is what a decode loop calls.
+
 A call of several tokens (a batch of samples) multiplies them together, reading the union of
 their selected rows once (rowsparse.union_rows_matmul; numba's kernel where it is installed).
 Where the weights are used as they are (16 bits), the input-major copy is the only one: the
@@ -42,7 +46,8 @@ class DecodeWeights:
     one copy in memory; 1.58-bit ones keep their latent weights beside the packed or ternarized
     copy). max_rows: calls with more tokens than this (a prefill, a large batch) take the masked
     product; None: fast.rowsparse.auto_max_rows, the measured crossover. min_weights: auto_method's
-    threshold."""
+    threshold. step: the compiled decode step (fast/step.py) with every site's Wt, or None (no numba,
+    another method, INT8 or 1.58-bit, the GPU); self.wt still holds only the sites auto_method chose."""
 
     def __init__(self, params, cfg, method="auto", max_rows=None, min_weights=fast_rowsparse.AUTO_MIN_WEIGHTS):
         xp = array_module(params["wte"])

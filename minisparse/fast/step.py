@@ -222,9 +222,10 @@ class Step:
         self._sel = (None, None)
 
     def selection(self, cfg, spec):
-        """selection(cfg, spec), remembered for the last spec (the same for every token)."""
+        """selection(cfg, spec), or None where the step does not support the spec (supported);
+        remembered for the last spec (the same for every token)."""
         if self._sel[0] is not spec:
-            self._sel = (spec, selection(cfg, spec))
+            self._sel = (spec, selection(cfg, spec) if supported(cfg, spec) else None)
         return self._sel[1]
 
 
@@ -233,12 +234,14 @@ def decode_forward(params, cfg, idx, kv, spec=None, meter=None, fast=None, ops=R
     docstring); otherwise decode.decode_forward itself."""
     spec = cfg.spec if spec is None else spec
     step = getattr(fast, "step", None)
-    if step is None or idx.shape != (1, 1) or array_module(params["wte"]) is not np or not supported(cfg, spec):
+    sel = None
+    if step is not None and idx.shape == (1, 1) and kv.k[0].shape[0] == 1 and kv.length < cfg.block_size \
+            and array_module(params["wte"]) is np:
+        sel = step.selection(cfg, spec)
+    if sel is None:                          # not one token, or not supported; a full cache raises there
         return decode.decode_forward(params, cfg, idx, kv, spec, meter, fast, ops)
+    k, block = sel
     pos = kv.length
-    if pos + 1 > cfg.block_size:
-        return decode.decode_forward(params, cfg, idx, kv, spec, meter, fast, ops)    # its error
-    k, block = step.selection(cfg, spec)
     hs = cfg.n_embd // cfg.n_head
     cos, sin = rope_tables(np, 1, hs, cfg.rope_base, pos, params["wte"].dtype)      # (1, hs/2)
     x = params["wte"][idx[0, 0]].copy()                                             # (C,)
