@@ -61,6 +61,17 @@ def test_step_equals_reference_decode(extra, spec):
         assert m_f.tokens[site] == m_r.tokens[site]
 
 
+@pytest.mark.parametrize("split", ["rows", "outputs"])
+def test_step_splits_the_products_between_threads_either_way(split):
+    cfg, ref, params, fast = build(SMOLLM2_SHAPED)
+    fast.step.split(split)
+    for spec in (SparseSpec(0.0), SparseSpec(0.5)):
+        got, want, _, _ = decode_both(cfg, ref, params, fast, spec, tokens=4)
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+    with pytest.raises(ValueError, match="not 'rows' or 'outputs'"):
+        fast.step.split("columns")
+
+
 def test_step_takes_a_plan_per_layer_and_site():
     cfg, ref, params, fast = build(SMOLLM2_SHAPED)
     specs = {(l, s): SparseSpec([0.0, 0.5, 0.8][l]) if s != "down" else SparseSpec(0.0, (1, 4))

@@ -107,11 +107,40 @@ if numba is not None:
                     n += 1
         return n
 
+    @numba.njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
+    def _rows_matvec_split(vals, idx, Wt, y, parts):
+        # y = vals @ Wt[idx] (rowsparse.rows_matvec) with the selected rows split between the
+        # threads: each reads whole rows, one contiguous stream each, into its own partial sum
+        # parts[p] (O floats, in L1/L2), 4 rows per pass; the partial sums are added at the end
+        O, K, P = Wt.shape[1], idx.shape[0], parts.shape[0]
+        for p in numba.prange(P):
+            acc = parts[p]
+            acc[:] = 0
+            k, k1 = K * p // P, K * (p + 1) // P
+            while k + 4 <= k1:
+                v0, v1, v2, v3 = vals[k], vals[k + 1], vals[k + 2], vals[k + 3]
+                r0, r1, r2, r3 = Wt[idx[k]], Wt[idx[k + 1]], Wt[idx[k + 2]], Wt[idx[k + 3]]
+                for j in range(O):
+                    acc[j] += v0 * r0[j] + v1 * r1[j] + v2 * r2[j] + v3 * r3[j]
+                k += 4
+            while k < k1:
+                v, r = vals[k], Wt[idx[k]]
+                for j in range(O):
+                    acc[j] += v * r[j]
+                k += 1
+        y[:] = parts[0]
+        for p in range(1, P):
+            y += parts[p]
+
     @numba.njit(cache=True)
     def _project(x, k, block, Wt, y, tile, idx, vals):
-        # y = (x sparsified) @ Wt, reading only the selected rows; returns the rows read
+        # y = (x sparsified) @ Wt, reading only the selected rows; returns the rows read.
+        # tile > 0: threads split the outputs in tiles (fast/rowsparse.py's kernel); -P: P threads split the rows
         n = _select(x, k, block, idx, vals)
-        _rows_matvec(vals[:n], idx[:n], Wt, y, tile)
+        if tile > 0:
+            _rows_matvec(vals[:n], idx[:n], Wt, y, tile)
+        else:
+            _rows_matvec_split(vals[:n], idx[:n], Wt, y, np.empty((-tile, y.shape[0]), y.dtype))
         return n
 
     @numba.njit(cache=True)
@@ -213,13 +242,20 @@ if numba is not None:
 
 
 class Step:
-    """The step's weights: per layer the four sites' input-major Wt (DecodeWeights' copies), and
-    the output tiles of each product and of the head, for numba's thread count."""
+    """The step's weights: per layer the four sites' input-major Wt (DecodeWeights' copies), and how
+    the threads share each site's product: split="rows", each thread whole selected rows (tiles -P,
+    for numba's P threads); "outputs", tiles of the outputs (fast/rowsparse.py's kernel)."""
 
-    def __init__(self, cfg, wts):
+    def __init__(self, cfg, wts, split="rows"):
         self.wts = wts                                       # [(Wqkv, Wo, Wug, Wdown)] per layer
-        self.tiles = np.array([fast_rowsparse._tiles(w.shape[1], 4096) for w in wts[0]], dtype=np.int64)
+        self.split(split)
         self._sel = (None, None)
+
+    def split(self, how):
+        if how not in ("rows", "outputs"):
+            raise ValueError(f"split {how!r} is not 'rows' or 'outputs'")
+        self.tiles = np.array([fast_rowsparse._tiles(w.shape[1], 4096) if how == "outputs"
+                               else -numba.get_num_threads() for w in self.wts[0]], dtype=np.int64)
 
     def selection(self, cfg, spec):
         """selection(cfg, spec), or None where the step does not support the spec (supported);
