@@ -5,7 +5,7 @@ leaves to the reference. Needs numba (the CI's numba phase runs this file)."""
 import numpy as np
 import pytest
 
-pytest.importorskip("numba")
+numba = pytest.importorskip("numba")
 
 from minisparse import decode, model  # noqa: E402
 from minisparse.errors import UsageError  # noqa: E402
@@ -64,8 +64,10 @@ def test_step_equals_reference_decode(extra, spec):
 @pytest.mark.parametrize("split", ["rows", "outputs"])
 def test_step_splits_the_products_between_threads_either_way(split):
     cfg, ref, params, fast = build(SMOLLM2_SHAPED)
-    fast.step.split(split)
-    for spec in (SparseSpec(0.0), SparseSpec(0.5)):
+    fast.step.split(split, min_weights=0)                           # every product and the head shared
+    shared = (fast.step.tiles > 0) if split == "outputs" else (fast.step.tiles == -numba.get_num_threads())
+    assert shared.all()
+    for spec in (SparseSpec(0.0), SparseSpec(0.5), SparseSpec(0.0, (2, 4))):
         got, want, _, _ = decode_both(cfg, ref, params, fast, spec, tokens=4)
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
     with pytest.raises(ValueError, match="not 'rows' or 'outputs'"):

@@ -107,38 +107,44 @@ if numba is not None:
                     n += 1
         return n
 
-    @numba.njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
+    @numba.njit(fastmath=True, error_model="numpy", cache=True)
+    def _rows_into(vals, idx, Wt, acc, k, k1):
+        # acc = vals[k:k1] @ Wt[idx[k:k1]], whole rows, 4 per pass: acc (O floats) stays in L1/L2
+        acc[:] = 0
+        while k + 4 <= k1:
+            v0, v1, v2, v3 = vals[k], vals[k + 1], vals[k + 2], vals[k + 3]
+            r0, r1, r2, r3 = Wt[idx[k]], Wt[idx[k + 1]], Wt[idx[k + 2]], Wt[idx[k + 3]]
+            for j in range(acc.shape[0]):
+                acc[j] += v0 * r0[j] + v1 * r1[j] + v2 * r2[j] + v3 * r3[j]
+            k += 4
+        while k < k1:
+            v, r = vals[k], Wt[idx[k]]
+            for j in range(acc.shape[0]):
+                acc[j] += v * r[j]
+            k += 1
+
+    @numba.njit(parallel=True, cache=True)
     def _rows_matvec_split(vals, idx, Wt, y, parts):
         # y = vals @ Wt[idx] (rowsparse.rows_matvec) with the selected rows split between the
         # threads: each reads whole rows, one contiguous stream each, into its own partial sum
-        # parts[p] (O floats, in L1/L2), 4 rows per pass; the partial sums are added at the end
-        O, K, P = Wt.shape[1], idx.shape[0], parts.shape[0]
+        # parts[p]; the partial sums are added at the end
+        K, P = idx.shape[0], parts.shape[0]
         for p in numba.prange(P):
-            acc = parts[p]
-            acc[:] = 0
-            k, k1 = K * p // P, K * (p + 1) // P
-            while k + 4 <= k1:
-                v0, v1, v2, v3 = vals[k], vals[k + 1], vals[k + 2], vals[k + 3]
-                r0, r1, r2, r3 = Wt[idx[k]], Wt[idx[k + 1]], Wt[idx[k + 2]], Wt[idx[k + 3]]
-                for j in range(O):
-                    acc[j] += v0 * r0[j] + v1 * r1[j] + v2 * r2[j] + v3 * r3[j]
-                k += 4
-            while k < k1:
-                v, r = vals[k], Wt[idx[k]]
-                for j in range(O):
-                    acc[j] += v * r[j]
-                k += 1
+            _rows_into(vals, idx, Wt, parts[p], K * p // P, K * (p + 1) // P)
         y[:] = parts[0]
         for p in range(1, P):
             y += parts[p]
 
     @numba.njit(cache=True)
     def _project(x, k, block, Wt, y, tile, idx, vals):
-        # y = (x sparsified) @ Wt, reading only the selected rows; returns the rows read.
-        # tile > 0: threads split the outputs in tiles (fast/rowsparse.py's kernel); -P: P threads split the rows
+        # y = (x sparsified) @ Wt, reading only the selected rows; returns the rows read. tile > 0:
+        # threads split the outputs in tiles (fast/rowsparse.py's kernel); -P < -1: P threads split
+        # the rows; -1: this thread alone (a product too small to share)
         n = _select(x, k, block, idx, vals)
         if tile > 0:
             _rows_matvec(vals[:n], idx[:n], Wt, y, tile)
+        elif tile == -1:
+            _rows_into(vals, idx, Wt, y, 0, n)
         else:
             _rows_matvec_split(vals[:n], idx[:n], Wt, y, np.empty((-tile, y.shape[0]), y.dtype))
         return n
@@ -225,36 +231,53 @@ if numba is not None:
         read[3] = _project(m, k[3], block[3], Wdown, o, tiles[3], idx, vals)
         x += o
 
-    @numba.njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
+    @numba.njit(fastmath=True, error_model="numpy", cache=True)
+    def _head_rows(W, h, logits, r0, r1):
+        # logits[r] = W[r] . h for the rows r0 .. r1-1 of W (V, C) as stored, summed in its precision
+        zero = np.zeros(1, dtype=h.dtype)[0]
+        for r in range(r0, r1):
+            s = zero
+            for c in range(W.shape[1]):
+                s += W[r, c] * h[c]
+            logits[r] = s
+
+    @numba.njit(parallel=True, cache=True)
+    def _head_split(W, h, logits, tile):
+        V = W.shape[0]
+        for t in numba.prange((V + tile - 1) // tile):             # threads take separate tiles of rows
+            _head_rows(W, h, logits, t * tile, min(V, (t + 1) * tile))
+
+    @numba.njit(cache=True)
     def _head(x, norm_f, eps, W, tile, logits):
-        # logits = RMSNorm(x) @ W^T, W (V, C) as stored: threads take separate tiles of the rows
+        # logits = RMSNorm(x) @ W^T; tile >= V: on this thread alone (a head too small to share)
         h = np.empty_like(x)
         _rmsnorm(x, norm_f, eps, h)
-        V, C = W.shape
-        zero = np.zeros(1, dtype=x.dtype)[0]                  # sums in the weights' precision, as BLAS
-        for t in numba.prange((V + tile - 1) // tile):
-            for r in range(t * tile, min(V, (t + 1) * tile)):
-                s = zero
-                for c in range(C):
-                    s += W[r, c] * h[c]
-                logits[r] = s
+        if tile >= W.shape[0]:
+            _head_rows(W, h, logits, 0, W.shape[0])
+        else:
+            _head_split(W, h, logits, tile)
         return logits
 
 
 class Step:
     """The step's weights: per layer the four sites' input-major Wt (DecodeWeights' copies), and how
     the threads share each site's product: split="rows", each thread whole selected rows (tiles -P,
-    for numba's P threads); "outputs", tiles of the outputs (fast/rowsparse.py's kernel)."""
+    for numba's P threads); "outputs", tiles of the outputs (fast/rowsparse.py's kernel). A product
+    of fewer than fast.rowsparse.AUTO_MIN_WEIGHTS weights runs on one thread (tile -1)."""
 
     def __init__(self, cfg, wts, split="rows"):
         self.wts = wts                                       # [(Wqkv, Wo, Wug, Wdown)] per layer
         self.split(split)
         self._sel = (None, None)
 
-    def split(self, how):
+    def split(self, how, min_weights=fast_rowsparse.AUTO_MIN_WEIGHTS):
+        """How the threads share the products (see the class), and the fewest weights of a product,
+        or of the head, that they share (0: every one)."""
         if how not in ("rows", "outputs"):
             raise ValueError(f"split {how!r} is not 'rows' or 'outputs'")
-        self.tiles = np.array([fast_rowsparse._tiles(w.shape[1], 4096) if how == "outputs"
+        self.min_weights = min_weights
+        self.tiles = np.array([-1 if w.size < min_weights                           # too small to share
+                               else fast_rowsparse._tiles(w.shape[1], 4096) if how == "outputs"
                                else -numba.get_num_threads() for w in self.wts[0]], dtype=np.int64)
 
     def selection(self, cfg, spec):
@@ -290,7 +313,8 @@ def decode_forward(params, cfg, idx, kv, spec=None, meter=None, fast=None, ops=R
                cfg.activation == "swiglu", k[l], block[l], step.tiles, read[l])
     kv.length = pos + 1
     W = head_weight(params, cfg)
-    logits = _head(x, params["norm_f"], cfg.norm_eps, W, fast_rowsparse._tiles(W.shape[0], 4096),
+    tile = W.shape[0] if W.size < step.min_weights else fast_rowsparse._tiles(W.shape[0], 4096)
+    logits = _head(x, params["norm_f"], cfg.norm_eps, W, tile,
                    np.empty(W.shape[0], dtype=x.dtype))
     if meter is not None:
         D = np.array([cfg.n_embd, cfg.n_embd, cfg.n_embd, cfg.n_hidden])
