@@ -152,3 +152,14 @@ def test_step_on_a_full_cache_raises_the_reference_error():
     fast.decode_forward(params, cfg, np.zeros((1, cfg.block_size), dtype=np.int64), kv, None, None, fast)
     with pytest.raises(UsageError, match="longer than block_size"):
         fast.decode_forward(params, cfg, np.zeros((1, 1), dtype=np.int64), kv, None, None, fast)
+
+
+def test_decoding_with_the_step_keeps_blas_on_one_thread():
+    """BLAS's idle threads would spin beside the step's (DecodeWeights.quiet), also for a model whose
+    products are all too small for the row-sparse kernel (self.wt empty)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    cfg = model.GPTConfig(vocab_size=97, block_size=24, n_layer=1, **TINY)
+    fast = DecodeWeights(model.init_params(cfg), cfg)
+    assert fast.wt == {} and fast.step is not None
+    with fast.quiet():
+        assert {i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"} <= {1}

@@ -110,7 +110,9 @@ class DecodeWeights:
                 fast_rowsparse.union_rows_matmul(np.ones((2, wt.shape[0]), dtype=wt.dtype), wt, self.method)
 
     def quiet(self):
-        """The context to decode in: BLAS on one thread while numba's kernel runs (fast/rowsparse.py)."""
+        """The context to decode in: BLAS on one thread while numba's kernel or step runs (fast/rowsparse.py)."""
+        if self.step is not None:              # the compiled step's threads, whatever self.wt holds
+            return fast_rowsparse.quiet_blas("numba")
         if not self.wt or array_module(next(iter(self.wt.values()))[0]) is not np:
             return contextlib.nullcontext()
         return fast_rowsparse.quiet_blas(self.method)
