@@ -161,33 +161,39 @@ if numba is not None:
                 x[i1] = x1 * cos[i] - x2 * sin[i]
                 x[i2] = x1 * sin[i] + x2 * cos[i]
 
-    @numba.njit(cache=True)
+    @numba.njit(fastmath={"reassoc", "contract"}, error_model="numpy", cache=True)
     def _attend(q, kc, vc, length, n_head, out):
         # attention.attention_forward for one query per head over the cache's first `length`
-        # positions; query head h reads key/value head h // (n_head / n_kv_head) (model.repeat_kv)
+        # positions; query head h reads key/value head h // (n_head / n_kv_head) (model.repeat_kv).
+        # The dot products sum in the cache's precision, as BLAS does, and reassociated, so that
+        # LLVM vectorizes them (no assumption about infinities: the max starts at -inf)
         n_kv, hs = kc.shape[0], kc.shape[2]
         groups = n_head // n_kv
         scale = 1.0 / math.sqrt(hs)
+        zero = np.zeros(1, dtype=kc.dtype)[0]
         p = np.empty(length, dtype=q.dtype)
         for h in range(n_head):
             g, o = h // groups, h * hs
+            qh = q[o:o + hs]
             m = -np.inf
             for j in range(length):
-                s = 0.0
+                kj = kc[g, j]
+                s = zero
                 for c in range(hs):
-                    s += q[o + c] * kc[g, j, c]
+                    s += qh[c] * kj[c]
                 p[j] = s * scale
                 m = max(m, p[j])
             total = 0.0
             for j in range(length):
                 p[j] = math.exp(p[j] - m)
                 total += p[j]
-            for c in range(hs):
-                out[o + c] = 0
+            oh = out[o:o + hs]
+            oh[:] = 0
             for j in range(length):
                 w = p[j] / total
+                vj = vc[g, j]
                 for c in range(hs):
-                    out[o + c] += w * vc[g, j, c]
+                    oh[c] += w * vj[c]
 
     @numba.njit(cache=True)
     def _layer(x, pos, attn_norm, ffn_norm, eps, Wqkv, Wo, Wug, Wdown, kc, vc, cos, sin, pairs, n_head,
