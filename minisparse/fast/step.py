@@ -6,18 +6,19 @@
     SwiGLU and ReLU2-GLU, tied and untied heads)
 
 One compiled call per layer does everything decode_forward's block loop does for a single token:
-RMSNorm, the top-K (or N:M) selection, the row-sparse product of each site (fast/rowsparse.py's
-kernel, reading only the selected rows of DecodeWeights' input-major copy), RoPE, the key/value
-cache, attention over it, the activation and the residual additions; a last call computes the
-final RMSNorm and the head's product, its rows split over the threads. A dense spec reads every
-nonzero input's row through the same kernel.
+RMSNorm, the top-K (or N:M) selection, the row-sparse product of each site (reading only the
+selected rows of DecodeWeights' input-major copy; the threads split the selected rows, or with
+Step.split("outputs") tiles of the outputs through fast/rowsparse.py's kernel), RoPE, the
+key/value cache, attention over it, the activation and the residual additions; a last call
+computes the final RMSNorm and the head's product, its rows split over the threads. A dense spec
+reads every nonzero input's row through the same product.
 
 The selection keeps what fast.topk.topk_nonzero keeps: per block (the whole row for top-K), the
 K-th largest |x|, t, from a partial sort; every |x| > t; and the first K - #(|x| > t) entries equal
 to t, by position, when t > 0 (when t = 0 fewer than K inputs are nonzero, and only those are read).
 
 It runs where it applies: numba installed, NumPy arrays, one token (B = Tq = 1), 16-bit inputs
-and weights in every spec, and a DecodeWeights that built the step's weights (`fast.steps`). Any
+and weights in every spec, and a DecodeWeights that built the step (`fast.step`). Any
 other call (a prefill, a batch, INT8 or 1.58-bit, the GPU) goes to decode.decode_forward as it is.
 
 Why faster: the per-layer work between the products (a few small NumPy calls each) is compiled
