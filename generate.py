@@ -21,6 +21,7 @@ from minisparse.data import start_ids
 from minisparse.decode import SparsityMeter
 from minisparse.fast import FAST
 from minisparse.fast import rowsparse as fast_rowsparse
+from minisparse.fast import step as fast_step
 from minisparse.fast.decode import DecodeWeights
 from minisparse.errors import UsageError
 from minisparse.sampling import generate
@@ -58,7 +59,9 @@ def build_parser():
                    help="how a sparse projection is computed when decoding: read only the selected weight "
                         "rows (numba; chunked NumPy; gather, the reference; with --device gpu any of these runs "
                         "the CUDA kernels), or 'masked', the dense product of the masked input, as in training. "
-                        "auto: the row-sparse kernel where it pays (minisparse/fast/rowsparse.py, auto_method)")
+                        "auto: the row-sparse kernel where it pays (minisparse/fast/rowsparse.py, auto_method). With numba, "
+                        "auto and numba decode one token at a time through a compiled step (minisparse/fast/step.py), "
+                        "dense included")
     p.add_argument("--reference", action="store_true",
                    help="run the readable reference ops and the masked product (unless --kernel is given; "
                         "'gather' is the reference row-sparse product), none of minisparse/fast/: to step "
@@ -108,6 +111,9 @@ def run(args):
     if args.reference and kernel == "auto":
         kernel = "masked"
     fast = None if (spec.dense and plan is None) or kernel == "masked" else DecodeWeights(params, cfg, kernel)
+    if fast is None and kernel in ("auto", "numba") and args.num_samples == 1 and args.device == "cpu" \
+            and fast_step.supported(cfg, spec):
+        fast = DecodeWeights(params, cfg, kernel)  # dense, one token at a time: the compiled step reads every row
     on_prefill, decision = None, {}
     if args.fallback == "auto":
         on_prefill = fallback_hook(args, cfg, spec, tok, ids, text != args.prompt, decision)

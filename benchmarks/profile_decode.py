@@ -1,5 +1,7 @@
-"""Where a decode step's time goes: cProfile of generate() on SmolLM2-135M, top-K 50% with the
-row-sparse kernels, then the dense decode's wall time for comparison.
+"""Where a decode step's time goes: cProfile of generate() on SmolLM2-135M, top-K 50% through
+DecodeWeights (with numba: the compiled step, fast/step.py; without: the row-sparse kernels), then,
+unprofiled, the dense decode's wall time through the same DecodeWeights and through the masked
+product (fast=None), and the 50% top-K decode's again.
 
     env -u OPENBLAS_CORETYPE python benchmarks/profile_decode.py [--tokens 32] [--sparsity 0.5]
 """
@@ -43,11 +45,16 @@ def main():
     generate(params, cfg, ids, a.tokens, 0.0, None, None, spec, None, fast, None, FAST)
     pr.disable()
     sparse = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    generate(params, cfg, ids, a.tokens, 0.0, None, None, cfg.spec_at(0.0), None, None, None, FAST)
-    dense = time.perf_counter() - t0
     print(f"top-K {a.sparsity}: {a.tokens} tokens in {sparse:.3f} s ({1000 * sparse / a.tokens:.1f} ms a token, "
-          f"under the profiler); dense: {dense:.3f} s ({1000 * dense / a.tokens:.1f} ms a token, not profiled)")
+          f"under the profiler; the compiled step: {fast.step is not None})")
+    for what, s, f in (("dense, DecodeWeights", 0.0, fast), ("dense, masked product", 0.0, None),
+                       (f"top-K {a.sparsity}, DecodeWeights", a.sparsity, fast)):
+        generate(params, cfg, ids, 4, 0.0, None, None, cfg.spec_at(s), None, f, None, FAST)     # warm up
+        t0 = time.perf_counter()
+        generate(params, cfg, ids, a.tokens, 0.0, None, None, cfg.spec_at(s), None, f, None, FAST)
+        t = time.perf_counter() - t0
+        print(f"{what}: {a.tokens} tokens in {t:.3f} s ({1000 * t / a.tokens:.1f} ms a token, not profiled)")
+    print("load average after:", " ".join(f"{v:.2f}" for v in os.getloadavg()))
     out = io.StringIO()
     pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(a.top)
     root = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))

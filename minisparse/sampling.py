@@ -39,7 +39,8 @@ def generate(params, cfg, prompt_ids, max_new_tokens, temperature=1.0, top_k=Non
              spec=None, meter=None, fast=None, stop_id=None, ops=REFERENCE, on_prefill=None):
     """prompt_ids (B, T0) ints -> (B, T0 + n) ints, as a NumPy array, n <= max_new_tokens.
 
-    fast: a fast.decode.DecodeWeights, to read only the selected weight rows; ops: model.Ops.
+    fast: a fast.decode.DecodeWeights, to read only the selected weight rows; each call then goes through
+    its decode_forward (a single token through fast/step.py's compiled step where it applies); ops: model.Ops.
     stop_id: a token (end of turn) after which a row is done; generation ends when every row is.
     on_prefill: called once with the prompt's logits (B, T0, V) and its ids (B, T0); it may return another spec (the dense
     fallback), and then the prompt is run again with that spec, without `fast`, and decoding goes on
@@ -64,21 +65,22 @@ def _decode_loop(params, cfg, out, max_new_tokens, temperature, top_k, rng, spec
                  on_prefill=None):
     kv = None
     done = np.zeros(out.shape[0], dtype=bool)
+    forward = decode_forward if fast is None else fast.decode_forward     # a compiled step where it has one
     for _ in range(max_new_tokens):
         if kv is None or kv.length == cfg.block_size:
             # (re)fill the cache with the most recent context
             keep = cfg.block_size if kv is None else cfg.block_size // 2
             kv = new_cache(params, cfg, out.shape[0])
-            logits = decode_forward(params, cfg, xp.asarray(out[:, -keep:]), kv, spec, meter, fast, ops)
+            logits = forward(params, cfg, xp.asarray(out[:, -keep:]), kv, spec, meter, fast, ops)
             switch = on_prefill(logits, out[:, -keep:]) if on_prefill is not None else None
             on_prefill = None                                 # the prompt only, not a refill
             if switch is not None:                           # the cache holds the old spec's keys: redo it
-                spec, fast = switch, None
+                spec, fast, forward = switch, None, decode_forward
                 meter.reset()                                 # count what the new spec computes
                 kv = new_cache(params, cfg, out.shape[0])
                 logits = decode_forward(params, cfg, xp.asarray(out[:, -keep:]), kv, spec, meter, fast, ops)
         else:
-            logits = decode_forward(params, cfg, xp.asarray(out[:, -1:]), kv, spec, meter, fast, ops)
+            logits = forward(params, cfg, xp.asarray(out[:, -1:]), kv, spec, meter, fast, ops)
         nxt = sample_next(to_numpy(logits[:, -1, :]), temperature, top_k, rng)
         out = np.concatenate([out, nxt[:, None]], axis=1)
         if stop_id is not None:

@@ -11,10 +11,11 @@ to the function it replaces. The programs use them; a reader can leave them out 
     rowsparse.py, .cu      row-sparse kernels: chunked NumPy, numba, CUDA             (rowsparse.py)
     ternary.py             the 2-bit packed ternary product, numba   (ternary.ternary_rows_matvec, _sparse_matvec)
     decode.py              DecodeWeights: which projections decode row-sparse, and how (decode.py)
+    step.py                one token's whole decode step compiled with numba       (decode.decode_forward)
     runtime.py             malloc and BLAS-thread settings (no numbers change)
 
 tests/test_fast.py checks each op against its reference; tests/test_rowsparse.py and
-tests/test_ternary.py the kernels.
+tests/test_ternary.py the kernels; tests/test_step.py the compiled decode step.
 """
 
 from ..model import Ops

@@ -14,6 +14,10 @@ with numba through fast/ternary.py (the selection, the quantization and the kern
 with method "gather") through ternary.py's reference. On the GPU it keeps float copies of the
 ternary weights.
 
+With numba, DecodeWeights also builds the compiled decode step (fast/step.py) for 16-bit models:
+every site's input-major Wt, so that a single token's whole step runs compiled, dense included;
+`DecodeWeights.decode_forward` is what a decode loop calls.
+
 A call of several tokens (a batch of samples) multiplies them together, reading the union of
 their selected rows once (rowsparse.union_rows_matmul; numba's kernel where it is installed).
 Where the weights are used as they are (16 bits), the input-major copy is the only one: the
@@ -27,9 +31,11 @@ import numpy as np
 
 from .. import rowsparse, ternary
 from ..backend import array_module
+from ..decode import new_cache
 from ..linear import SparseSpec, quantized_input, quantized_weights
 from ..model import SITE_WEIGHTS
 from . import rowsparse as fast_rowsparse
+from . import step as fast_step
 from . import ternary as fast_ternary
 from .topk import sparsify as fast_sparsify
 
@@ -41,7 +47,8 @@ class DecodeWeights:
     one copy in memory; 1.58-bit ones keep their latent weights beside the packed or ternarized
     copy). max_rows: calls with more tokens than this (a prefill, a large batch) take the masked
     product; None: fast.rowsparse.auto_max_rows, the measured crossover. min_weights: auto_method's
-    threshold."""
+    threshold. step: the compiled decode step (fast/step.py) with every site's Wt, or None (no numba,
+    another method, INT8 or 1.58-bit, the GPU); self.wt still holds only the sites auto_method chose."""
 
     def __init__(self, params, cfg, method="auto", max_rows=None, min_weights=fast_rowsparse.AUTO_MIN_WEIGHTS):
         xp = array_module(params["wte"])
@@ -49,29 +56,42 @@ class DecodeWeights:
         self.method = method
         self.ternary = cfg.w_bits == 1.58 and cfg.a_bits == 8 and xp is np     # packed, 2 bits a weight
         self.wt = {}                           # (layer, site) -> (Wt or TernaryWeights, [O_i]); absent: masked
+        # the compiled step (fast/step.py) decodes a single token with every site's Wt, chosen or not
+        steps = method in ("auto", "numba") and xp is np and fast_step.supported(cfg, cfg.spec)
+        step_wts = [[] for _ in range(cfg.n_layer)]
         for l in range(cfg.n_layer):
             for site, names in SITE_WEIGHTS.items():
                 Ws = [params[f"h.{l}.{n}"] for n in names]                        # the latent weights
+                chosen = method
                 if method == "auto":
                     chosen = fast_rowsparse.auto_method(xp, Ws[0].shape[1] * sum(W.shape[0] for W in Ws),
                                                         min_weights)
-                    if chosen is None:
+                    if chosen is None and not steps:
                         continue               # the masked product is as fast or faster here
-                    self.method = chosen
+                    self.method = chosen or self.method
                 if self.ternary:               # quantized and packed by ternary.py
                     packed = ternary.pack_weights(Ws)
                     self.wt[l, site] = (packed, packed.sizes)
                 else:                          # ternarized in float if 1.58-bit (GPU), else as they are
                     Wq = quantized_weights(Ws, cfg.spec)
                     Wt = rowsparse.input_major(Wq)
-                    self.wt[l, site] = (Wt, [W.shape[0] for W in Wq])
+                    if chosen is not None:     # else only the step reads it row-sparse
+                        self.wt[l, site] = (Wt, [W.shape[0] for W in Wq])
+                    step_wts[l].append(Wt)
                     if cfg.w_bits == 16:       # the masked product reads Wt too: drop the (O, D) copy
                         start = 0
                         for n, W in zip(names, Ws):
                             params[f"h.{l}.{n}"] = Wt[:, start:start + W.shape[0]].T      # (O_i, D) view
                             start += W.shape[0]
                     del Ws, Wq
+        self.step = fast_step.Step(cfg, step_wts) if steps else None
+        # what a decode loop calls, with decode.decode_forward's signature (and fast=self): one token
+        # through the compiled step where it applies, anything else through decode.decode_forward
+        self.decode_forward = fast_step.decode_forward
         self._warm_up(xp)
+        if self.step is not None:              # compile (or load) the step now, on a throwaway cache
+            fast_step.decode_forward(params, cfg, np.zeros((1, 1), dtype=np.int64), new_cache(params, cfg, 1),
+                                     None, None, self)
 
     def _warm_up(self, xp):
         """Compile the kernels now, not in the first token, so that a decode's time is the decode's:
@@ -92,7 +112,9 @@ class DecodeWeights:
                 fast_rowsparse.union_rows_matmul(np.ones((2, wt.shape[0]), dtype=wt.dtype), wt, self.method)
 
     def quiet(self):
-        """The context to decode in: BLAS on one thread while numba's kernel runs (fast/rowsparse.py)."""
+        """The context to decode in: BLAS on one thread while numba's kernel or step runs (fast/rowsparse.py)."""
+        if self.step is not None:              # the compiled step's threads, whatever self.wt holds
+            return fast_rowsparse.quiet_blas("numba")
         if not self.wt or array_module(next(iter(self.wt.values()))[0]) is not np:
             return contextlib.nullcontext()
         return fast_rowsparse.quiet_blas(self.method)

@@ -1,0 +1,167 @@
+"""The compiled decode step (minisparse/fast/step.py) against the reference decode (decode.decode_forward):
+the logits, the key/value cache and the measured sparsity over several tokens, and the calls it
+leaves to the reference. Needs numba (the CI's numba phase runs this file)."""
+
+import numpy as np
+import pytest
+
+numba = pytest.importorskip("numba")
+
+from minisparse import decode, model  # noqa: E402
+from minisparse.errors import UsageError  # noqa: E402
+from minisparse.evaluate import Plan  # noqa: E402
+from minisparse.fast import step as fast_step  # noqa: E402
+from minisparse.fast.decode import DecodeWeights  # noqa: E402
+from minisparse.fast.topk import topk_nonzero  # noqa: E402
+from minisparse.linear import SparseSpec  # noqa: E402
+from minisparse.sampling import generate  # noqa: E402
+
+SMOLLM2_SHAPED = dict(n_head=6, n_kv_head=2, n_embd=96, n_hidden=256, activation="swiglu", tie_embeddings=True,
+                      rope_layout="pairs", rope_base=100000.0)                # GQA, SiLU, tied head, GGUF layout
+TINY = dict(n_head=4, n_embd=64, activation="relu2")                          # ReLU2-GLU, untied, "half"
+
+
+def build(extra, seed=0):
+    cfg = model.GPTConfig(**{**dict(vocab_size=97, block_size=24, n_layer=3, sparsity=0.0), **extra})
+    params = model.init_params(cfg, seed=seed)                                  # float32, as decoded
+    for name in params:                                                         # norm gains away from 1
+        if model.is_norm(name):
+            params[name] = params[name] + np.random.default_rng(seed).normal(0, 0.2, params[name].shape
+                                                                             ).astype(np.float32)
+    ref = {k: v.copy() for k, v in params.items()}
+    return cfg, ref, params, DecodeWeights(params, cfg)
+
+
+def decode_both(cfg, ref, params, fast, spec, tokens=8, prompt=5, B=1):
+    """Prefill `prompt` tokens, then `tokens` one at a time, by the reference and by the step."""
+    idx = np.random.default_rng(1).integers(0, cfg.vocab_size, (B, prompt + tokens))
+    kv_r, kv_f = decode.new_cache(ref, cfg, B), decode.new_cache(params, cfg, B)
+    m_r, m_f = decode.SparsityMeter(), decode.SparsityMeter()
+    got, want = [], []
+    for t0, t1 in [(0, prompt)] + [(t, t + 1) for t in range(prompt, prompt + tokens)]:
+        want.append(decode.decode_forward(ref, cfg, idx[:, t0:t1], kv_r, spec, m_r))
+        got.append(fast.decode_forward(params, cfg, idx[:, t0:t1], kv_f, spec, m_f, fast))
+    return np.concatenate(got, axis=1), np.concatenate(want, axis=1), (kv_f, kv_r), (m_f, m_r)
+
+
+@pytest.mark.parametrize("extra", [SMOLLM2_SHAPED, TINY], ids=["smollm2-shaped", "tiny"])
+@pytest.mark.parametrize("spec", [SparseSpec(0.0), SparseSpec(0.5), SparseSpec(0.75), SparseSpec(0.0, (2, 4)),
+                                  SparseSpec(0.0, (16, 32))], ids=["dense", "topk50", "topk75", "nm2:4", "nm16:32"])
+def test_step_equals_reference_decode(extra, spec):
+    cfg, ref, params, fast = build(extra)
+    assert fast.step is not None
+    got, want, (kv_f, kv_r), (m_f, m_r) = decode_both(cfg, ref, params, fast, spec)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+    for l in range(cfg.n_layer):
+        np.testing.assert_allclose(kv_f.k[l], kv_r.k[l], rtol=2e-4, atol=2e-5)
+        np.testing.assert_allclose(kv_f.v[l], kv_r.v[l], rtol=2e-4, atol=2e-5)
+    assert kv_f.length == kv_r.length
+    for site, z in m_r.mean().items():
+        assert m_f.mean()[site] == pytest.approx(z, abs=1e-12)
+        assert m_f.tokens[site] == m_r.tokens[site]
+
+
+@pytest.mark.parametrize("split", ["rows", "outputs"])
+def test_step_splits_the_products_between_threads_either_way(split):
+    cfg, ref, params, fast = build(SMOLLM2_SHAPED)
+    fast.step.split(split, min_weights=0)                           # every product and the head shared
+    shared = (fast.step.tiles > 0) if split == "outputs" else (fast.step.tiles == -numba.get_num_threads())
+    assert shared.all()
+    for spec in (SparseSpec(0.0), SparseSpec(0.5), SparseSpec(0.0, (2, 4))):
+        got, want, _, _ = decode_both(cfg, ref, params, fast, spec, tokens=4)
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+    with pytest.raises(ValueError, match="not 'rows' or 'outputs'"):
+        fast.step.split("columns")
+
+
+def test_step_takes_a_plan_per_layer_and_site():
+    cfg, ref, params, fast = build(SMOLLM2_SHAPED)
+    specs = {(l, s): SparseSpec([0.0, 0.5, 0.8][l]) if s != "down" else SparseSpec(0.0, (1, 4))
+             for l in range(cfg.n_layer) for s in model.SITES}
+    got, want, _, (m_f, m_r) = decode_both(cfg, ref, params, fast, Plan(specs, "test plan"))
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+    assert m_f.mean() == pytest.approx(m_r.mean(), abs=1e-12)
+
+
+def test_step_runs_for_one_token_and_leaves_the_rest_to_the_reference(monkeypatch):
+    """The prefill, a batch of 2 and INT8 inputs go to decode.decode_forward; one token runs the step."""
+    cfg, ref, params, fast = build(TINY)
+    calls = []
+    layer = fast_step._layer
+    monkeypatch.setattr(fast_step, "_layer", lambda *a: calls.append(1) or layer(*a))
+    got, want, _, _ = decode_both(cfg, ref, params, fast, SparseSpec(0.5), tokens=3, B=2)    # a batch
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+    assert calls == []
+    got, want, _, _ = decode_both(cfg, ref, params, fast, SparseSpec(0.5, a_bits=8), tokens=3)     # INT8
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+    assert calls == []
+    decode_both(cfg, ref, params, fast, SparseSpec(0.5), tokens=3, prompt=4)                       # the step
+    assert len(calls) == 3 * cfg.n_layer
+
+
+@pytest.mark.parametrize("extra", [dict(TINY, a_bits=8), dict(TINY, a_bits=8, w_bits=1.58)], ids=["int8", "b1.58"])
+def test_step_declines_quantized_models(extra):
+    cfg, ref, params, fast = build(extra)
+    assert fast.step is None
+    got, want, _, _ = decode_both(cfg, ref, params, fast, cfg.spec_at(0.5), tokens=3)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+
+
+def test_without_numba_there_is_no_step(monkeypatch):
+    monkeypatch.setattr("minisparse.fast.rowsparse.numba", None)
+    cfg, ref, params, fast = build(TINY)
+    assert fast.step is None
+    got, want, _, _ = decode_both(cfg, ref, params, fast, SparseSpec(0.5), tokens=3)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+
+
+def test_kernels_other_than_numba_have_no_step():
+    cfg = model.GPTConfig(vocab_size=97, block_size=24, n_layer=1, **TINY)
+    for method in ("gather", "chunked"):
+        assert DecodeWeights(model.init_params(cfg), cfg, method).step is None
+
+
+@pytest.mark.parametrize("k,block", [(5, 32), (16, 32), (31, 32), (1, 32), (8, 16), (2, 4), (3, 8)])
+def test_step_selection_keeps_what_topk_nonzero_keeps(k, block):
+    """Ties at the threshold (first by position), zeros never read, fewer nonzeros than k, N:M blocks."""
+    rng = np.random.default_rng(k * 100 + block)
+    for trial in range(50):
+        x = rng.choice(np.float32([0, 0, 1, -1, 2, -2, 0.5, 3]), size=32)                # many ties and zeros
+        if trial % 2:
+            x = rng.normal(size=32).astype(np.float32) * (rng.random(32) < 0.6)
+        idx, vals = np.empty(32, np.int64), np.empty(32, np.float32)
+        n = fast_step._select(x, k, block, idx, vals)
+        want = topk_nonzero(x, k, None if block == 32 else block)
+        np.testing.assert_array_equal(idx[:n], want)
+        np.testing.assert_array_equal(vals[:n], x[want])
+
+
+def test_generate_with_the_step_equals_the_reference():
+    """generate() through DecodeWeights (the step) gives the reference's greedy tokens."""
+    cfg, ref, params, fast = build(SMOLLM2_SHAPED, seed=4)
+    prompt = np.array([[3, 1, 4, 1, 5]])
+    for spec in (SparseSpec(0.0), SparseSpec(0.5)):
+        want = generate(ref, cfg, prompt, 10, 0.0, spec=spec)
+        got = generate(params, cfg, prompt, 10, 0.0, spec=spec, fast=fast)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_step_on_a_full_cache_raises_the_reference_error():
+    cfg, ref, params, fast = build(TINY)
+    kv = decode.new_cache(params, cfg, 1)
+    fast.decode_forward(params, cfg, np.zeros((1, cfg.block_size), dtype=np.int64), kv, None, None, fast)
+    with pytest.raises(UsageError, match="longer than block_size"):
+        fast.decode_forward(params, cfg, np.zeros((1, 1), dtype=np.int64), kv, None, None, fast)
+
+
+def test_decoding_with_the_step_keeps_blas_on_one_thread():
+    """BLAS's idle threads would spin beside the step's (DecodeWeights.quiet), also for a model whose
+    products are all too small for the row-sparse kernel (self.wt empty)."""
+    pytest.importorskip("threadpoolctl")
+    cfg = model.GPTConfig(vocab_size=97, block_size=24, n_layer=1, **TINY)
+    fast = DecodeWeights(model.init_params(cfg), cfg)
+    assert fast.wt == {} and fast.step is not None
+    from minisparse.fast import runtime
+    with fast.quiet():                       # the BLAS libraries that runtime.blas_threads controls
+        ctl = runtime._blas_controller                          # made by the first blas_threads call
+        assert ctl is not None and {i["num_threads"] for i in ctl.info() if i["user_api"] == "blas"} == {1}
