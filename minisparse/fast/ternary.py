@@ -16,19 +16,22 @@ multiplies and adds. Each byte holds four columns, one from each quarter of the 
 (ternary.py's layout), so each quarter has its own contiguous accumulator. Four rows are added
 per pass over the accumulators. Each thread takes an equal share of the selected rows and reads
 them whole, one contiguous stream, into its own partial sums, which are added at the end.
-ternary_sparse_matvec also selects with fast.topk.topk_nonzero and quantizes only the kept
-entries inside the compiled call, so a token costs one selection and one call. Needs numba.
+ternary_sparse_matvec also selects (fast/step.py's selection, which keeps what
+fast.topk.topk_nonzero keeps) and quantizes only the kept entries inside the same compiled call,
+so a token costs one call. Needs numba.
 """
 
 import numpy as np
 
 from ..quant import EPS
-from .topk import topk_nonzero
+from ..nm import check_nm
 
 try:                                   # optional: pip install numba
     import numba
     from numba import types
     from numba.extending import intrinsic
+
+    from .step import _select
 except ImportError:                    # pragma: no cover - exercised where numba is absent
     numba = None
 
@@ -136,6 +139,17 @@ if numba is not None:
                 K += 1
         return codes[:K], rows[:K], scale
 
+    @numba.njit(cache=True)
+    def _token(x, k, block, c127, eps, packed, acc, P):
+        """One token: the kept inputs (fast.step's selection, fast.topk.topk_nonzero's rule), their
+        INT8 codes, and the integer sums into acc; returns the rows read and the scale."""
+        idx = np.empty(x.shape[0], dtype=np.int64)
+        vals = np.empty_like(x)
+        n = _select(x, k, block, idx, vals)
+        codes, rows, scale = _quantize_kept(x, idx[:n], c127, eps)
+        _ternary_rows(codes, rows, packed, acc, P)
+        return rows.shape[0], scale
+
 
 def ternary_rows_matvec(qv, idx, packed, O, parts=0):
     """acc (O,) int32 = sum_k qv[k] * C[idx[k], :], reading each selected row of `packed` once.
@@ -143,14 +157,10 @@ def ternary_rows_matvec(qv, idx, packed, O, parts=0):
     for each of numba's threads)."""
     if numba is None:
         raise RuntimeError("the compiled ternary kernel needs numba: pip install numba")
-    Q = packed.shape[1]
-    acc = np.empty(4 * Q, dtype=np.int32)
+    acc = np.empty(4 * packed.shape[1], dtype=np.int32)
     _ternary_rows(np.ascontiguousarray(qv, dtype=np.int16), np.ascontiguousarray(idx, dtype=np.int64),
                   packed, acc, parts or numba.get_num_threads())
     return acc[:O]
-
-
-_all_rows = {}
 
 
 def ternary_sparse_matvec(x, spec, tw, rows_matvec=None):
@@ -160,15 +170,11 @@ def ternary_sparse_matvec(x, spec, tw, rows_matvec=None):
     if numba is None:
         raise RuntimeError("the compiled ternary kernel needs numba: pip install numba")
     D = x.shape[0]
+    k, block = spec.nm if spec.nm is not None else (spec.kept(D), D)     # dense: k = D, every nonzero
     if spec.nm is not None:
-        idx = topk_nonzero(x, spec.nm[0], spec.nm[1])              # ascending positions kept
-    elif spec.sparsity == 0.0:
-        if D not in _all_rows:                                     # dense: every row, zeros dropped below
-            _all_rows[D] = np.arange(D, dtype=np.int64)
-        idx = _all_rows[D]
-    else:
-        idx = topk_nonzero(x, spec.kept(D))
+        check_nm(k, block, D)
     dtype = x.dtype.type
-    qv, rows, scale = _quantize_kept(x, idx, dtype(127.0), dtype(EPS))
-    acc = ternary_rows_matvec(qv, rows, tw.packed, tw.O)
-    return acc.astype(tw.col_scale.dtype) * (tw.col_scale / dtype(scale)), int(rows.shape[0])
+    acc = np.empty(4 * tw.packed.shape[1], dtype=np.int32)
+    read, scale = _token(np.ascontiguousarray(x), k, block, dtype(127.0), dtype(EPS), tw.packed, acc,
+                         numba.get_num_threads())
+    return acc[:tw.O].astype(tw.col_scale.dtype) * (tw.col_scale / dtype(scale)), int(read)
