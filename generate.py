@@ -1,8 +1,9 @@
 """Sample text from a model trained by train_tiny.py: `python generate.py`.
 
 Loads out_dir/ckpt.npz with its tokenizer, decodes with a key/value cache (each new token
-costs one position), and prints the text, then tokens/s, the activated parameters per token
-N_a against the dense count N, and the sparsity measured at each projection site.
+costs one position), and prints the text, then tokens/s (of the whole call, and of the decode
+after the prompt's prefill), the activated parameters per token N_a against the dense count N,
+and the sparsity measured at each projection site.
 `--sparsity 0` runs the dense fallback (the paper's deployment advice for inputs unlike
 the training data); another value overrides the trained top-K sparsity.
 """
@@ -117,10 +118,15 @@ def run(args):
     on_prefill, decision = None, {}
     if args.fallback == "auto":
         on_prefill = fallback_hook(args, cfg, spec, tok, ids, text != args.prompt, decision)
-    t0 = time.perf_counter()
+    t0, marks = time.perf_counter(), {}
+
+    def prefill_done(logits, prompt_ids):           # times the prompt apart from the decode that follows
+        marks["prefill"] = time.perf_counter()
+        return on_prefill(logits, prompt_ids) if on_prefill is not None else None
+
     out = generate(params, cfg, prompt, args.max_new_tokens, args.temperature, args.top_k or None,
                    np.random.default_rng(args.seed), plan or spec, meter, fast, stop_id,
-                   model.REFERENCE if args.reference else FAST, on_prefill)
+                   model.REFERENCE if args.reference else FAST, prefill_done)
     if decision.get("dense"):
         spec = cfg.spec_at(0.0)
         run_cfg = replace(cfg, sparsity=0.0, nm=None)
@@ -143,6 +149,10 @@ def run(args):
     how = (plan.label if plan is not None else "dense" if spec.dense
            else "sparsity " + format(run_cfg.overall_sparsity, ".2f"))
     print(f"{n_new} tokens in {dt:.2f} s: {n_new / max(dt, 1e-9):,.0f} tokens/s ({how})", file=sys.stderr)
+    if "prefill" in marks and not decision.get("dense"):    # a dense refill would count as decoding
+        t_prompt, t_decode = marks["prefill"] - t0, t0 + dt - marks["prefill"]
+        print(f"of which the prompt: {prompt.size} tokens in {t_prompt:.2f} s; the decode: {n_new} tokens in "
+              f"{t_decode:.2f} s, {n_new / max(t_decode, 1e-9):,.0f} tokens/s", file=sys.stderr)
     nominal = ev.nominal_na(cfg, plan) if plan is not None else model.activated_params(run_cfg)
     print(f"activated parameters per token N_a: {nominal:,} nominal, "
           f"{model.activated_params(run_cfg, per_layer):,} measured, of N = {model.count_params(cfg):,} "

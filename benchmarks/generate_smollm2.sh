@@ -5,8 +5,9 @@
 #   bash benchmarks/generate_smollm2.sh [ROUNDS] [N] [OLD_REV]
 # The old revision is unpacked with git archive into a temporary folder (no worktree is added).
 # OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE are unset for the runs. Prints the machine line, the load
-# average before and after, every run (tokens/s as generate.py prints it, its seconds, peak RSS), the
-# medians and the ratios; the greedy text of each variant once.
+# average before and after, every run (tokens/s as generate.py prints it, its seconds, peak RSS, and where
+# generate.py prints it the decode's seconds apart from the prompt's prefill), the medians and the ratios;
+# the greedy text of each variant once.
 set -euo pipefail
 ROUNDS=${1:-3}; N=${2:-64}; OLD=${3:-9872ca1}
 cd "$(dirname "$0")/.."
@@ -29,7 +30,8 @@ run() {   # side sparsity round
   speed=$(sed -n 's/.*s: \([0-9,]*\) tokens\/s.*/\1/p' "$TMP/err" | tr -d ,)
   secs=$(sed -n 's/^[0-9]* tokens in \([0-9.]*\) s.*/\1/p' "$TMP/err")
   rss=$(sed -n 's/.*Maximum resident set size (kbytes): \([0-9]*\)/\1/p' "$TMP/err")
-  echo "round $3 $1 sparsity $2: $speed tokens/s, $secs s, peak RSS $((rss / 1024)) MB"
+  dsecs=$(sed -n 's/.*the decode: [0-9]* tokens in \([0-9.]*\) s.*/\1/p' "$TMP/err")   # revisions that print it
+  echo "round $3 $1 sparsity $2: $speed tokens/s, $secs s, peak RSS $((rss / 1024)) MB${dsecs:+, the decode alone $dsecs s}"
 }
 for r in $(seq "$ROUNDS"); do
   for side in new old; do
@@ -46,7 +48,8 @@ for side in new old; do
 done
 python - "$TMP/log" <<'PY'
 import re, statistics, sys
-rows = [re.match(r"round \d+ (\w+) sparsity ([\d.]+): (\d+) tokens/s, ([\d.]+) s, peak RSS (\d+) MB", l)
+rows = [re.match(r"round \d+ (\w+) sparsity ([\d.]+): (\d+) tokens/s, ([\d.]+) s, peak RSS (\d+) MB"
+                 r"(?:, the decode alone ([\d.]+) s)?", l)
         for l in open(sys.argv[1])]
 rows = [m.groups() for m in rows if m]
 med, sec, rss = {}, {}, {}
@@ -65,5 +68,10 @@ ratio(("new", "0.5"), ("old", "0"), "new sparse / old dense")
 ratio(("old", "0.5"), ("old", "0"), "old sparse / old dense")
 ratio(("new", "0"), ("old", "0"), "new dense / old dense")
 ratio(("new", "0.5"), ("old", "0.5"), "new sparse / old sparse")
+dec = {sp: [float(r[5]) for r in rows if r[0] == "new" and r[1] == sp and r[5]] for sp in ("0", "0.5")}
+if dec["0"] and dec["0.5"]:                 # the prompt's prefill left out: tokens/s of the decode alone
+    d0, d5 = statistics.median(dec["0"]), statistics.median(dec["0.5"])
+    print(f"new sparse / new dense, the decode alone (after the prompt): {d0 / d5:.2f}x from the seconds "
+          f"({d5:.2f} s against {d0:.2f} s)")
 print(f"peak RSS, new sparse / new dense: {rss['new', '0.5'][1] / rss['new', '0'][1]:.3f} (largest of each)")
 PY

@@ -13,6 +13,7 @@ run the real command line in a subprocess, `--key=value` syntax and `--help` inc
 """
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -283,9 +284,13 @@ def test_generate_prints_prompt_and_summary(sparse_run, capsys):
     assert rc == 0, err
     assert out.startswith("the cat")
     assert len(out) == len("the cat") + 30 + 1                   # char tokens: one char each, plus print's newline
-    for needle in ("tokens/s", "N_a", "measured sparsity", "sparsity 0.50", "30 tokens"):
+    for needle in ("tokens/s", "N_a", "measured sparsity", "sparsity 0.50", "30 tokens",
+                   "of which the prompt: 7 tokens in", "the decode: 30 tokens in"):   # "the cat": 7 char tokens
         assert needle in err, f"{needle!r} not in the summary {err!r}"
     assert "dense" not in err
+    total = float(re.search(r"30 tokens in ([0-9.]+) s:", err).group(1))
+    parts = [float(t) for t in re.findall(r"tokens in ([0-9.]+) s[;,]", err)]   # the prompt's, the decode's
+    assert len(parts) == 2 and abs(sum(parts) - total) <= 0.011, (parts, total)    # each rounded to 0.01 s
 
 
 def test_generate_without_a_prompt_works_on_a_corpus_without_capitals(sparse_run, capsys):
