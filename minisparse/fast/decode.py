@@ -84,7 +84,7 @@ class DecodeWeights:
                             params[f"h.{l}.{n}"] = Wt[:, start:start + W.shape[0]].T      # (O_i, D) view
                             start += W.shape[0]
                     del Ws, Wq
-        self.step = fast_step.Step(cfg, step_wts) if steps else None
+        self.step = fast_step.Step(step_wts) if steps else None
         # what a decode loop calls, with decode.decode_forward's signature (and fast=self): one token
         # through the compiled step where it applies, anything else through decode.decode_forward
         self.decode_forward = fast_step.decode_forward

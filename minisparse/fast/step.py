@@ -33,7 +33,7 @@ import numpy as np
 from .. import decode
 from ..backend import array_module
 from ..linear import SparseSpec
-from ..model import REFERENCE, SITES, head_weight
+from ..model import REFERENCE, SITES, head_weight, site_dims
 from ..rope import rope_tables
 from . import rowsparse as fast_rowsparse
 
@@ -49,20 +49,22 @@ def supported(cfg, spec):
     return all(s.a_bits == 16 and s.w_bits == 16 for s in specs)
 
 
+def kept_per_block(spec, D):
+    """(k, block): a token keeps the k largest |x| of every block of `block` of its D inputs. N:M:
+    (keep, block); top-K: (K, D), one block; dense: (D, D), every nonzero input."""
+    return spec.nm if spec.nm is not None else (spec.kept(D), D)
+
+
 def selection(cfg, spec):
     """(L, 4) int64 arrays k and block: site s of layer l keeps the k largest |x| of every block
-    of `block` inputs (top-K: one block of D; dense: k = D, every nonzero input)."""
+    of `block` inputs (kept_per_block)."""
     spec_of = (lambda l, site: spec) if isinstance(spec, SparseSpec) else spec.spec
-    dims = {"qkv": cfg.n_embd, "o": cfg.n_embd, "up_gate": cfg.n_embd, "down": cfg.n_hidden}
+    dims = site_dims(cfg)
     k = np.empty((cfg.n_layer, len(SITES)), dtype=np.int64)
     block = np.empty_like(k)
     for l in range(cfg.n_layer):
         for j, site in enumerate(SITES):
-            s, D = spec_of(l, site), dims[site]
-            if s.nm is not None:
-                k[l, j], block[l, j] = s.nm
-            else:
-                k[l, j], block[l, j] = s.kept(D), D
+            k[l, j], block[l, j] = kept_per_block(spec_of(l, site), dims[site][0])
     return k, block
 
 
@@ -272,7 +274,7 @@ class Step:
     for numba's P threads); "outputs", tiles of the outputs (fast/rowsparse.py's kernel). A product
     of fewer than fast.rowsparse.AUTO_MIN_WEIGHTS weights runs on one thread (tile -1)."""
 
-    def __init__(self, cfg, wts, split="rows"):
+    def __init__(self, wts, split="rows"):
         self.wts = wts                                       # [(Wqkv, Wo, Wug, Wdown)] per layer
         self.split(split)
         self._sel = (None, None)
@@ -324,7 +326,7 @@ def decode_forward(params, cfg, idx, kv, spec=None, meter=None, fast=None, ops=R
     logits = _head(x, params["norm_f"], cfg.norm_eps, W, tile,
                    np.empty(W.shape[0], dtype=x.dtype))
     if meter is not None:
-        D = np.array([cfg.n_embd, cfg.n_embd, cfg.n_embd, cfg.n_hidden])
+        D = np.array([site_dims(cfg)[site][0] for site in SITES])              # (4,) inputs per site
         zeros = 1.0 - read.sum(axis=0) / (cfg.n_layer * D)       # every layer counted as one token
         for j, site in enumerate(SITES):
             meter.add(site, cfg.n_layer, float(zeros[j]))

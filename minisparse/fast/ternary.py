@@ -23,15 +23,15 @@ so a token costs one call. Needs numba.
 
 import numpy as np
 
-from ..quant import EPS
 from ..nm import check_nm
+from ..quant import EPS
 
 try:                                   # optional: pip install numba
     import numba
     from numba import types
     from numba.extending import intrinsic
 
-    from .step import _select
+    from .step import _select, kept_per_block
 except ImportError:                    # pragma: no cover - exercised where numba is absent
     numba = None
 
@@ -170,7 +170,7 @@ def ternary_sparse_matvec(x, spec, tw, rows_matvec=None):
     if numba is None:
         raise RuntimeError("the compiled ternary kernel needs numba: pip install numba")
     D = x.shape[0]
-    k, block = spec.nm if spec.nm is not None else (spec.kept(D), D)     # dense: k = D, every nonzero
+    k, block = kept_per_block(spec, D)
     if spec.nm is not None:
         check_nm(k, block, D)
     dtype = x.dtype.type
