@@ -22,8 +22,7 @@ from minisparse.data import start_ids
 from minisparse.decode import SparsityMeter
 from minisparse.fast import FAST
 from minisparse.fast import rowsparse as fast_rowsparse
-from minisparse.fast import step as fast_step
-from minisparse.fast.decode import DecodeWeights
+from minisparse.fast.decode import decode_weights
 from minisparse.errors import UsageError
 from minisparse.sampling import generate
 from minisparse.train import load_run
@@ -111,10 +110,7 @@ def run(args):
     kernel = args.kernel
     if args.reference and kernel == "auto":
         kernel = "masked"
-    fast = None if (spec.dense and plan is None) or kernel == "masked" else DecodeWeights(params, cfg, kernel)
-    if fast is None and kernel in ("auto", "numba") and args.num_samples == 1 and args.device == "cpu" \
-            and fast_step.supported(cfg, spec):
-        fast = DecodeWeights(params, cfg, kernel)  # dense, one token at a time: the compiled step reads every row
+    fast = decode_weights(params, cfg, plan or spec, kernel, args.num_samples)     # dense: the compiled step, if any
     on_prefill, decision = None, {}
     if args.fallback == "auto":
         on_prefill = fallback_hook(args, cfg, spec, tok, ids, text != args.prompt, decision)

@@ -141,9 +141,10 @@ def decode_speed(params, cfg, spec, prompts, thresholds, label):
     times = {"sparse": [], "dense": [], "auto": []}
     for p in prompts:
         for how in times:
+            s = cfg.spec_at(0.0) if how == "dense" else spec
             t0 = time.perf_counter()
-            generate(params, cfg, p[None], n, 0.0, None, None, cfg.spec_at(0.0) if how == "dense" else spec,
-                     None, None if how == "dense" else fast, None, FAST, on_prefill if how == "auto" else None)
+            generate(params, cfg, p[None], n, 0.0, None, None, s, None, fast if fast.serves(s) else None, None,
+                     FAST, on_prefill if how == "auto" else None)
             times[how].append(n / (time.perf_counter() - t0))
     return {k: statistics.median(v) for k, v in times.items()}
 

@@ -39,7 +39,7 @@ from .linear import sparse_linear_forward, zero_fraction
 from .model import SITE_WEIGHTS, SITES
 from .data import load_text, split_ids
 from .fast import FAST
-from .fast.decode import DecodeWeights
+from .fast.decode import decode_weights
 from .flags import parse_nm
 from .pretrained import is_pretrained_source, load_gguf
 from .sampling import generate
@@ -485,14 +485,16 @@ def text_ids(tok, data, default_source):
 
 
 def decode_speed(params, cfg, prompt, plans, n_tokens, rounds):
-    """Decode tokens/s of each uniform plan, greedy, the plans taking turns: {label: median}."""
-    fast = DecodeWeights(params, cfg) if any(not p.spec(0, "qkv").dense for p in plans) else None
+    """Decode tokens/s of each uniform plan, greedy, the plans taking turns: {label: median}. Each plan
+    decodes as generate.py decodes it: dense too through the compiled step where that applies."""
+    specs = [p.spec(0, "qkv") for p in plans]
+    fast = decode_weights(params, cfg, next((s for s in specs if not s.dense), specs[0]))   # shared by all
     times = {p.label: [] for p in plans}
     for _ in range(rounds):
         for p in plans:
             spec = p.spec(0, "qkv")
             t0 = time.perf_counter()
             generate(params, cfg, prompt[None], n_tokens, 0.0, None, None, spec, None,
-                     None if spec.dense else fast, None, FAST)
+                     fast if fast is not None and fast.serves(spec) else None, None, FAST)
             times[p.label].append(n_tokens / (time.perf_counter() - t0))
     return {k: statistics.median(v) for k, v in times.items()}

@@ -43,8 +43,8 @@ def generate(params, cfg, prompt_ids, max_new_tokens, temperature=1.0, top_k=Non
     its decode_forward (a single token through fast/step.py's compiled step where it applies); ops: model.Ops.
     stop_id: a token (end of turn) after which a row is done; generation ends when every row is.
     on_prefill: called once with the prompt's logits (B, T0, V) and its ids (B, T0); it may return another spec (the dense
-    fallback), and then the prompt is run again with that spec, without `fast`, and decoding goes on
-    with it."""
+    fallback), and then the prompt is run again with that spec, and decoding goes on with it; `fast` stays
+    only where it serves that spec (DecodeWeights.serves: the compiled step decodes dense too)."""
     if not temperature >= 0:                      # also rejects nan
         raise UsageError(f"temperature {temperature!r} is not allowed: it must be >= 0 (0 = greedy).")
     if max_new_tokens < 0:
@@ -75,10 +75,12 @@ def _decode_loop(params, cfg, out, max_new_tokens, temperature, top_k, rng, spec
             switch = on_prefill(logits, out[:, -keep:]) if on_prefill is not None else None
             on_prefill = None                                 # the prompt only, not a refill
             if switch is not None:                           # the cache holds the old spec's keys: redo it
-                spec, fast, forward = switch, None, decode_forward
+                spec = switch
+                if fast is not None and not fast.serves(spec):   # the plain product decodes it as well
+                    fast, forward = None, decode_forward
                 meter.reset()                                 # count what the new spec computes
                 kv = new_cache(params, cfg, out.shape[0])
-                logits = decode_forward(params, cfg, xp.asarray(out[:, -keep:]), kv, spec, meter, fast, ops)
+                logits = forward(params, cfg, xp.asarray(out[:, -keep:]), kv, spec, meter, fast, ops)
         else:
             logits = forward(params, cfg, xp.asarray(out[:, -1:]), kv, spec, meter, fast, ops)
         nxt = sample_next(to_numpy(logits[:, -1, :]), temperature, top_k, rng)

@@ -346,7 +346,7 @@ def _no_fast_paths(monkeypatch):
     monkeypatch.setattr("minisparse.fast.FAST", None)
     monkeypatch.setattr("minisparse.train.FAST", None)
     monkeypatch.setattr("generate.FAST", None)
-    monkeypatch.setattr("generate.DecodeWeights", boom)
+    monkeypatch.setattr("minisparse.fast.decode.DecodeWeights", boom)      # what generate.decode_weights builds
 
 
 def test_reference_runs_train_and_decode_on_the_readable_ops_alone(corpus, tmp_path, capsys, monkeypatch):

@@ -11,7 +11,7 @@ from minisparse import decode, model  # noqa: E402
 from minisparse.errors import UsageError  # noqa: E402
 from minisparse.evaluate import Plan  # noqa: E402
 from minisparse.fast import step as fast_step  # noqa: E402
-from minisparse.fast.decode import DecodeWeights  # noqa: E402
+from minisparse.fast.decode import DecodeWeights, decode_weights  # noqa: E402
 from minisparse.fast.topk import topk_nonzero  # noqa: E402
 from minisparse.linear import SparseSpec  # noqa: E402
 from minisparse.sampling import generate  # noqa: E402
@@ -144,6 +144,42 @@ def test_generate_with_the_step_equals_the_reference():
         want = generate(ref, cfg, prompt, 10, 0.0, spec=spec)
         got = generate(params, cfg, prompt, 10, 0.0, spec=spec, fast=fast)
         np.testing.assert_array_equal(got, want)
+
+
+def test_decode_weights_serve_dense_only_through_the_step():
+    """decode_weights (what generate.py and evaluate.py decode with): a sparse spec always gets them;
+    a dense one only where the compiled step decodes it, one token a call on the CPU; else None, and
+    the plain product runs with BLAS on its threads. DecodeWeights.serves says the same."""
+    cfg = model.GPTConfig(vocab_size=97, block_size=24, n_layer=1, **TINY)
+    dense, sparse = SparseSpec(0.0), SparseSpec(0.5)
+    fast = decode_weights(model.init_params(cfg), cfg, dense)
+    assert fast is not None and fast.step is not None and fast.serves(dense) and fast.serves(sparse)
+    assert decode_weights(model.init_params(cfg), cfg, dense, rows=2) is None        # a batch: no step
+    assert decode_weights(model.init_params(cfg), cfg, dense, kernel="gather") is None
+    assert decode_weights(model.init_params(cfg), cfg, sparse, kernel="masked") is None
+    assert decode_weights(model.init_params(cfg), cfg, sparse, rows=2) is not None
+    plan = Plan({(0, site): dense for site in ("qkv", "o", "up_gate", "down")}, "dense plan")
+    assert decode_weights(model.init_params(cfg), cfg, plan, rows=2) is not None      # a plan: always
+    q = model.GPTConfig(vocab_size=97, block_size=24, n_layer=1, a_bits=8, w_bits=1.58, **TINY)
+    assert decode_weights(model.init_params(q), q, q.spec_at(0.0)) is None             # no step for 1.58 bits
+    fast_q = decode_weights(model.init_params(q), q, q.spec_at(0.5))
+    assert fast_q.step is None and not fast_q.serves(q.spec_at(0.0)) and fast_q.serves(q.spec_at(0.5))
+
+
+def test_the_dense_fallback_keeps_the_step():
+    """generate()'s on_prefill switching to dense: the refill and the tokens after it still go through
+    the compiled step (DecodeWeights.serves), with the same greedy tokens as decoding dense from the
+    start."""
+    cfg, ref, params, fast = build(SMOLLM2_SHAPED, seed=5)
+    prompt = np.array([[2, 7, 1, 8, 2, 8]])
+    want = generate(ref, cfg, prompt, 8, 0.0, spec=SparseSpec(0.0))
+    calls = []
+    step_forward = fast.decode_forward
+    fast.decode_forward = lambda *a: calls.append(a[2].shape) or step_forward(*a)   # (B, Tq) of each call
+    got = generate(params, cfg, prompt, 8, 0.0, spec=SparseSpec(0.5), fast=fast,
+                   on_prefill=lambda logits, ids: SparseSpec(0.0))
+    np.testing.assert_array_equal(got, want)
+    assert calls == [(1, 6), (1, 6)] + [(1, 1)] * 7          # prefill, the dense refill, then one token each
 
 
 def test_step_on_a_full_cache_raises_the_reference_error():

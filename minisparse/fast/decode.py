@@ -40,6 +40,20 @@ from . import ternary as fast_ternary
 from .topk import sparsify as fast_sparsify
 
 
+def decode_weights(params, cfg, spec, kernel="auto", rows=1):
+    """The DecodeWeights a decode of `spec` (a SparseSpec, or a plan) with calls of `rows` tokens
+    reads, or None where nothing would read them: kernel 'masked', or a dense spec that the compiled
+    step does not serve (several tokens a call, the GPU, no numba, INT8 or 1.58-bit), which the
+    plain product decodes as well without them."""
+    if kernel == "masked":
+        return None
+    if isinstance(spec, SparseSpec) and spec.dense and not (
+            kernel in ("auto", "numba") and rows == 1 and array_module(params["wte"]) is np
+            and fast_step.supported(cfg, spec)):
+        return None
+    return DecodeWeights(params, cfg, kernel)
+
+
 class DecodeWeights:
     """Input-major Wt (D, sum O_i) of the projections to decode row-sparse, and the method.
 
@@ -110,6 +124,11 @@ class DecodeWeights:
             fast_rowsparse.topk_rows_matvec(xp.zeros(wt.shape[0], dtype=wt.dtype), 1, wt, self.method)
             if xp is np and self.max_rows > 1:     # the batched kernel, for --num_samples > 1
                 fast_rowsparse.union_rows_matmul(np.ones((2, wt.shape[0]), dtype=wt.dtype), wt, self.method)
+
+    def serves(self, spec):
+        """Whether a decode of `spec` should pass these weights: a sparse spec or a plan always; a dense
+        one where the compiled step decodes it (else it takes the plain product, BLAS on its threads)."""
+        return not (isinstance(spec, SparseSpec) and spec.dense) or self.step is not None
 
     def quiet(self):
         """The context to decode in: BLAS on one thread while numba's kernel or step runs (fast/rowsparse.py)."""
