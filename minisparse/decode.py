@@ -61,8 +61,9 @@ class SparsityMeter:
         return {s: float(self.zeros[s]) / max(1, self.tokens[s]) for s in SITES}
 
 
-def decode_forward(params, cfg, idx, kv, spec=None, meter=None, fast=None, ops=REFERENCE):
+def decode_forward(params, cfg, idx, kv, spec=None, meter=None, fast=None, ops=REFERENCE, last_only=False):
     """idx (B, Tq) new tokens after kv.length cached ones -> logits (B, Tq, V); kv grows by Tq.
+    last_only=True: the last position's logits only, (B, 1, V) (model.forward), all a sampler reads.
 
     spec: a SparseSpec for every site, or a plan with one per site, plan.spec(l, site) (evaluate.Plan);
     fast: a fast.decode.DecodeWeights of these params, for the row-sparse products; ops: as in
@@ -84,4 +85,4 @@ def decode_forward(params, cfg, idx, kv, spec=None, meter=None, fast=None, ops=R
             meter.add(site, B * Tq, zero_frac)
         return ys
 
-    return model.forward(params, cfg, idx, ops=ops, kv=kv, project=project)[0]
+    return model.forward(params, cfg, idx, ops=ops, kv=kv, project=project, last_only=last_only)[0]

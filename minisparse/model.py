@@ -276,7 +276,8 @@ class Ops:
 REFERENCE = Ops("reference")
 
 
-def forward(params, cfg, idx, targets=None, ops=REFERENCE, kv=None, project=None, keep_caches=True):
+def forward(params, cfg, idx, targets=None, ops=REFERENCE, kv=None, project=None, keep_caches=True,
+            last_only=False):
     """idx (B, T) ints -> (logits (B, T, V), loss or None, caches for backward).
 
     ops: REFERENCE or fast.FAST (see Ops).
@@ -286,8 +287,12 @@ def forward(params, cfg, idx, targets=None, ops=REFERENCE, kv=None, project=None
     project: (l, site, x) -> [y_i], the projections of site `site` in layer l, for a decoder that
         computes them another way (decode.py); default: sparse_linear_forward with cfg.spec.
     keep_caches=False: an inference forward; each layer's caches are dropped when the next layer
-        starts (backward cannot be run), so only one layer's activations are alive at a time."""
+        starts (backward cannot be run), so only one layer's activations are alive at a time.
+    last_only=True: the logits of the last position only, (B, 1, V), for a decoder that samples the
+        next token: the head's product (V x C multiply-adds a position) is skipped at the others."""
     B, T = idx.shape
+    if last_only and targets is not None:
+        raise ValueError("last_only=True gives no logits for the loss's other positions")
     pos = 0 if kv is None else kv.length
     if pos + T > cfg.block_size:
         raise UsageError(f"sequence length {pos + T} is longer than block_size={cfg.block_size}"
@@ -333,6 +338,8 @@ def forward(params, cfg, idx, targets=None, ops=REFERENCE, kv=None, project=None
         x = x + f
     if kv is not None:
         kv.length = pos + T
+    if last_only:
+        x = x[:, -1:]                                                    # (B, 1, C)
     h, caches["norm_f"] = ops.rmsnorm_forward(x, params["norm_f"], cfg.norm_eps)
     logits = h @ head_weight(params, cfg).T                              # (B, T, V)
     caches["head_in"] = h

@@ -27,6 +27,47 @@ def test_decode_equals_full_forward(sparsity, nm, activation, extra):
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, rtol=1e-10, atol=1e-12)
 
 
+def test_prefill_last_only_gives_the_last_position_and_the_same_cache():
+    # a sampler's prefill skips the head at every position but the last: the same logits there,
+    # the same keys and values in the cache, so the tokens after it are the same too
+    cfg = model.GPTConfig(vocab_size=13, block_size=10, n_layer=2, n_head=4, n_embd=16, n_kv_head=2, sparsity=0.5)
+    params = model.init_params(cfg, seed=5, dtype=np.float64)
+    idx = np.random.default_rng(2).integers(0, 13, (2, 7))
+    kv_all, kv_last = new_cache(params, cfg, 2), new_cache(params, cfg, 2)
+    every = decode_forward(params, cfg, idx[:, :6], kv_all)                  # (2, 6, V)
+    last = decode_forward(params, cfg, idx[:, :6], kv_last, last_only=True)  # (2, 1, V)
+    assert last.shape == (2, 1, 13)
+    np.testing.assert_allclose(last[:, 0], every[:, -1], rtol=1e-12, atol=1e-14)   # BLAS may block (B, 1) apart
+    for a, b in zip(kv_all.k + kv_all.v, kv_last.k + kv_last.v):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(decode_forward(params, cfg, idx[:, 6:], kv_last),
+                                  decode_forward(params, cfg, idx[:, 6:], kv_all))
+    with pytest.raises(ValueError, match="last_only"):
+        model.forward(params, cfg, idx, idx, last_only=True)
+
+
+def test_generate_prefills_with_the_head_at_the_last_position_only(monkeypatch):
+    # the loop asks for the last position's logits at the prefill (and at a refill), but for every
+    # position when on_prefill scores the prompt
+    import minisparse.sampling as sampling
+    cfg = model.GPTConfig(vocab_size=13, block_size=6, n_layer=1, n_head=2, n_embd=16)
+    params = model.init_params(cfg, seed=3)
+    shapes = []
+
+    def spy(params, cfg, idx, kv, *args, **kw):
+        logits = decode_forward(params, cfg, idx, kv, *args, **kw)
+        shapes.append((idx.shape[1], logits.shape[1]))
+        return logits
+    monkeypatch.setattr(sampling, "decode_forward", spy)
+    prompt = np.array([[1, 2, 3, 4]])
+    generate(params, cfg, prompt, 5, temperature=0.0)
+    assert shapes[0] == (4, 1) and shapes[1] == (1, 1)
+    assert (3, 1) in shapes                                                   # the refill at block_size
+    shapes.clear()
+    generate(params, cfg, prompt, 2, temperature=0.0, on_prefill=lambda logits, ids: None)
+    assert shapes[0] == (4, 4)
+
+
 def test_dense_override_and_meter():
     cfg = model.GPTConfig(vocab_size=13, block_size=8, n_layer=2, n_head=2, n_embd=16, sparsity=0.5)
     params = model.init_params(cfg, seed=3, dtype=np.float64)

@@ -175,7 +175,7 @@ def test_the_dense_fallback_keeps_the_step():
     want = generate(ref, cfg, prompt, 8, 0.0, spec=SparseSpec(0.0))
     calls = []
     step_forward = fast.decode_forward
-    fast.decode_forward = lambda *a: calls.append(a[2].shape) or step_forward(*a)   # (B, Tq) of each call
+    fast.decode_forward = lambda *a, **kw: calls.append(a[2].shape) or step_forward(*a, **kw)   # (B, Tq) of each call
     got = generate(params, cfg, prompt, 8, 0.0, spec=SparseSpec(0.5), fast=fast,
                    on_prefill=lambda logits, ids: SparseSpec(0.0))
     np.testing.assert_array_equal(got, want)

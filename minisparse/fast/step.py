@@ -297,7 +297,7 @@ class Step:
         return self._sel[1]
 
 
-def decode_forward(params, cfg, idx, kv, spec=None, meter=None, fast=None, ops=REFERENCE):
+def decode_forward(params, cfg, idx, kv, spec=None, meter=None, fast=None, ops=REFERENCE, last_only=False):
     """decode.decode_forward, with one compiled call per layer when it applies (see the module's
     docstring); otherwise decode.decode_forward itself."""
     spec = cfg.spec if spec is None else spec
@@ -307,7 +307,7 @@ def decode_forward(params, cfg, idx, kv, spec=None, meter=None, fast=None, ops=R
             and array_module(params["wte"]) is np:
         sel = step.selection(cfg, spec)
     if sel is None:                          # not one token, or not supported; a full cache raises there
-        return decode.decode_forward(params, cfg, idx, kv, spec, meter, fast, ops)
+        return decode.decode_forward(params, cfg, idx, kv, spec, meter, fast, ops, last_only)
     k, block = sel
     pos = kv.length
     hs = cfg.n_embd // cfg.n_head
