@@ -111,12 +111,12 @@ if numba is not None:
         parts = np.zeros((P, 4, Q), dtype=np.int32)
         for p in numba.prange(P):
             _rows_into(qv, idx, packed, parts[p], K * p // P, K * (p + 1) // P)
-        for i in range(4):                             # u = c + 1: subtract sum_k qv[k] once
-            for j in range(Q):
-                s = -total
-                for p in range(P):
-                    s += parts[p, i, j]
-                acc[i * Q + j] = s
+        flat = parts.reshape(P, 4 * Q)
+        for j in range(4 * Q):                         # u = c + 1: subtract sum_k qv[k] once
+            acc[j] = flat[0, j] - total
+        for p in range(1, P):                          # the other partial sums, one pass each
+            for j in range(4 * Q):
+                acc[j] += flat[p, j]
         return acc
 
     @numba.njit(cache=True)
