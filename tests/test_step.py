@@ -136,6 +136,29 @@ def test_step_selection_keeps_what_topk_nonzero_keeps(k, block):
         np.testing.assert_array_equal(vals[:n], x[want])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_step_selection_at_model_widths(dtype):
+    """The radix select (fast.step._kth_largest_bits) over every digit: wide and narrow ranges of
+    |x|, subnormals, infinities, exact ties everywhere, ReLU2's zeros; whole rows and N:M blocks."""
+    rng = np.random.default_rng(11)
+    for trial in range(120):
+        D = int(rng.choice([96, 576, 2048]))
+        with np.errstate(over="ignore"):                                         # float32: 1e40 -> inf
+            x = [rng.standard_normal(D),                                            # one exponent or two hold most
+                 rng.standard_normal(D) * 10.0 ** rng.integers(-40, 40, D),       # float32 subnormals and huge
+                 np.where(rng.random(D) < 0.05, np.inf, 1.0) * rng.standard_normal(D),
+                 np.sign(rng.standard_normal(D)) * 1.5,                          # every |x| ties
+                 np.maximum(rng.standard_normal(D), 0) ** 2,                     # zeros
+                 1.0 + rng.integers(0, 4, D) * np.finfo(dtype).eps][trial % 6].astype(dtype)  # last-bit ties
+        block = int(rng.choice([8, 32, D]))
+        k = int(rng.integers(1, block))
+        idx, vals = np.empty(D, np.int64), np.empty(D, dtype)
+        n = fast_step._select(x, k, block, idx, vals)
+        want = topk_nonzero(x, k, None if block == D else block)
+        np.testing.assert_array_equal(idx[:n], want)
+        np.testing.assert_array_equal(vals[:n], x[want])
+
+
 def test_generate_with_the_step_equals_the_reference():
     """generate() through DecodeWeights (the step) gives the reference's greedy tokens."""
     cfg, ref, params, fast = build(SMOLLM2_SHAPED, seed=4)

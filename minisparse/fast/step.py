@@ -14,8 +14,9 @@ computes the final RMSNorm and the head's product, its rows split over the threa
 reads every nonzero input's row through the same product.
 
 The selection keeps what fast.topk.topk_nonzero keeps: per block (the whole row for top-K), the
-K-th largest |x|, t, from a partial sort; every |x| > t; and the first K - #(|x| > t) entries equal
-to t, by position, when t > 0 (when t = 0 fewer than K inputs are nonzero, and only those are read).
+K-th largest |x|, t, from a radix select on the bits of |x| (_kth_largest_bits); every |x| > t;
+and the first K - #(|x| > t) entries equal to t, by position, when t > 0 (when t = 0 fewer than K
+inputs are nonzero, and only those are read).
 
 It runs where it applies: numba installed, NumPy arrays, one token (B = Tq = 1), 16-bit inputs
 and weights in every spec, and a DecodeWeights that built the step (`fast.step`). Any
@@ -69,6 +70,9 @@ def selection(cfg, spec):
 
 
 if numba is not None:
+    from numba import types
+    from numba.extending import overload
+
     _rows_matvec = fast_rowsparse._numba_rows_matvec
 
     @numba.njit(cache=True)
@@ -81,33 +85,88 @@ if numba is not None:
         for i in range(x.shape[0]):
             out[i] = (x[i] * r) * g[i]
 
+    def _abs_bits(x):
+        """|x| as unsigned integers, read off x's bits: (x viewed as uint32 or uint64, the mask that
+        clears the sign bit, the shift of the top digit). For floats that are not negative the
+        integers ascend as the floats do (NaN above +inf, where NumPy sorts it too)."""
+
+    @overload(_abs_bits, jit_options={"cache": True})
+    def _abs_bits_impl(x):
+        if x.dtype == types.float32:
+            return lambda x: (x.view(np.uint32), np.uint32(0x7FFFFFFF), 20)
+        if x.dtype == types.float64:
+            return lambda x: (x.view(np.uint64), np.uint64(0x7FFFFFFFFFFFFFFF), 52)
+
+    @numba.njit(cache=True)
+    def _kth_largest_bits(u, mask, top, b0, block, k, hist, cand):
+        """The k-th largest of u[b0:b0+block] & mask (1 <= k <= block): a radix select, 11 bits a
+        digit from the top. Each digit's histogram finds the bucket that holds the k-th largest;
+        its entries (few after the first digit) are moved into cand, and the next digit looks at
+        those only, until one bucket holds exactly the entries still wanted (the answer is then
+        their smallest) or the last digit is read."""
+        need = k
+        m = block
+        shift = top
+        first = True
+        while True:
+            hist[:] = 0
+            hi = 0
+            for i in range(m):
+                d = ((u[b0 + i] & mask) if first else cand[i]) >> shift & 2047
+                hist[d] += 1
+                hi = max(hi, d)
+            d = hi
+            while hist[d] < need:                          # walk down from the largest bucket
+                need -= hist[d]
+                d -= 1
+            n = 0
+            for i in range(m):                             # the bucket's entries, in place
+                key = (u[b0 + i] & mask) if first else cand[i]
+                if key >> shift & 2047 == d:
+                    cand[n] = key
+                    n += 1
+            first = False
+            m = n
+            if m == need or shift == 0:                    # all of them wanted, or all equal
+                t = cand[0]
+                for i in range(1, m):
+                    t = min(t, cand[i])
+                return t
+            shift = max(shift - 11, 0)
+
     @numba.njit(cache=True)
     def _select(x, k, block, idx, vals):
         # the inputs read, ascending, into idx[:n] and their values into vals[:n]; returns n
         n = 0
+        if 0 < k < block:
+            u, mask, top = _abs_bits(x)
+            hist = np.empty(2048, dtype=np.int64)
+            cand = np.empty(block, dtype=u.dtype)
+            tb = np.empty(1, dtype=u.dtype)
+        # the loops write every entry at idx[n] and advance n only for those kept (n <= i, so in
+        # bounds): no branch on the data, which for |x| against the median would mispredict half
+        # the time
         for b0 in range(0, x.shape[0], block):
             if k >= block:                                   # dense: every nonzero input
                 for i in range(b0, b0 + block):
-                    if x[i] != 0:
-                        idx[n], vals[n] = i, x[i]
-                        n += 1
+                    idx[n], vals[n] = i, x[i]
+                    n += x[i] != 0
                 continue
             if k <= 0:
                 continue
-            a = np.abs(x[b0:b0 + block])
-            t = np.partition(a, block - k)[block - k]        # the k-th largest |x| of the block
+            tb[0] = _kth_largest_bits(u, mask, top, b0, block, k, hist, cand)
+            t = tb.view(x.dtype)[0]                          # the k-th largest |x| of the block
             rest = k
-            for i in range(block):
-                if a[i] > t:
-                    rest -= 1
+            for i in range(b0, b0 + block):
+                rest -= abs(x[i]) > t
             if not t > 0:                                    # fewer than k nonzeros: read those
                 rest = 0
-            for i in range(block):
-                if a[i] > t or (a[i] == t and rest > 0):
-                    if a[i] == t:
-                        rest -= 1
-                    idx[n], vals[n] = b0 + i, x[b0 + i]
-                    n += 1
+            for i in range(b0, b0 + block):                  # ties at t: the first `rest` of them
+                a = abs(x[i])
+                tie = (a == t) & (rest > 0)
+                idx[n], vals[n] = i, x[i]
+                n += (a > t) | tie
+                rest -= tie
         return n
 
     @numba.njit(fastmath=True, error_model="numpy", cache=True)
