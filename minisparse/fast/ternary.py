@@ -140,15 +140,21 @@ if numba is not None:
         return codes[:K], rows[:K], scale
 
     @numba.njit(cache=True)
-    def _token(x, k, block, c127, eps, packed, acc, P):
+    def _token(x, k, block, c127, eps, packed, col_scale, y, P):
         """One token: the kept inputs (fast.step's selection, fast.topk.topk_nonzero's rule), their
-        INT8 codes, and the integer sums into acc; returns the rows read and the scale."""
+        INT8 codes, the integer sums, and y = sums * (col_scale / scale) as ternary.py computes it
+        (the same operations in the same types: y's dtype is the two scales' result type); returns
+        the rows read."""
         idx = np.empty(x.shape[0], dtype=np.int64)
         vals = np.empty_like(x)
         n = _select(x, k, block, idx, vals)
         codes, rows, scale = _quantize_kept(x, idx[:n], c127, eps)
+        acc = np.empty(4 * packed.shape[1], dtype=np.int32)
         _ternary_rows(codes, rows, packed, acc, P)
-        return rows.shape[0], scale
+        cast = col_scale.dtype.type                     # acc.astype(col_scale.dtype)
+        for j in range(y.shape[0]):
+            y[j] = cast(acc[j]) * (col_scale[j] / scale)
+        return rows.shape[0]
 
 
 def ternary_rows_matvec(qv, idx, packed, O, parts=0):
@@ -174,7 +180,7 @@ def ternary_sparse_matvec(x, spec, tw, rows_matvec=None):
     if spec.nm is not None:
         check_nm(k, block, D)
     dtype = x.dtype.type
-    acc = np.empty(4 * tw.packed.shape[1], dtype=np.int32)
-    read, scale = _token(np.ascontiguousarray(x), k, block, dtype(127.0), dtype(EPS), tw.packed, acc,
-                         numba.get_num_threads())
-    return acc[:tw.O].astype(tw.col_scale.dtype) * (tw.col_scale / dtype(scale)), int(read)
+    y = np.empty(tw.O, dtype=np.result_type(tw.col_scale.dtype, x.dtype))
+    read = _token(np.ascontiguousarray(x), k, block, dtype(127.0), dtype(EPS), tw.packed, tw.col_scale, y,
+                  numba.get_num_threads())
+    return y, int(read)
