@@ -12,7 +12,8 @@ model's many matrices would:
   ternary dense           fast.ternary.ternary_sparse_matvec at S = 0 (equal to
                           ternary.ternary_sparse_matvec): INT8 codes of x times every packed row
   ternary S               the same at top-K S: only the selected packed rows
-Every sparse and ternary time includes its selection and quantization of x. The variants take
+Every sparse and ternary time includes its selection and quantization of x; each call takes the
+next of TOKENS different inputs, as a decode does. The variants take
 turns (decode_speed.interleaved_ms); each cell is a median. Needs numba.
 """
 
@@ -34,6 +35,9 @@ from minisparse.linear import SparseSpec  # noqa: E402
 from minisparse.topk import kept_count  # noqa: E402
 
 
+TOKENS = 64      # the inputs taken in turn: one x every call would let the CPU learn the selection's branches
+
+
 def copies_for(nbytes, cache_mb):
     return max(2, int(np.ceil(2 * cache_mb * 2**20 / nbytes)))
 
@@ -42,7 +46,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--D", default="2048", help="input widths, comma-separated")
     p.add_argument("--S", default="0.5,0.75", help="top-K sparsities, comma-separated")
-    p.add_argument("--repeats", type=int, default=40)
+    p.add_argument("--repeats", type=int, default=200)
     p.add_argument("--cache_mb", type=float, default=0.0, help="the last-level cache; 0 = read from the machine")
     args = p.parse_args(argv)
     if fast_ternary.numba is None:
@@ -67,15 +71,14 @@ def main(argv=None):
         tw = ternary.pack_weights([W])
         n_t = copies_for(tw.packed.nbytes, cache_mb)
         tws = [tw] + [ternary.TernaryWeights(tw.packed.copy(), tw.col_scale, tw.sizes) for _ in range(n_t - 1)]
-        x = rng.standard_normal(D).astype(np.float32)
-        xb = x[None]
-        fs = [lambda i: xb @ Ws[i % n_fp].T]
+        xs = rng.standard_normal((TOKENS, D)).astype(np.float32)       # a new token each call, as in a decode
+        fs = [lambda i: xs[i % TOKENS][None] @ Ws[i % n_fp].T]
         for S in Ss:
             K = kept_count(D, S)
-            fs.append(lambda i, K=K: fast_rowsparse.topk_rows_matvec(x, K, Wts[i % n_fp], "numba"))
+            fs.append(lambda i, K=K: fast_rowsparse.topk_rows_matvec(xs[i % TOKENS], K, Wts[i % n_fp], "numba"))
         for S in [0.0] + Ss:
             spec = SparseSpec(S, a_bits=8, w_bits=1.58)
-            fs.append(lambda i, spec=spec: fast_ternary.ternary_sparse_matvec(x, spec, tws[i % n_t]))
+            fs.append(lambda i, spec=spec: fast_ternary.ternary_sparse_matvec(xs[i % TOKENS], spec, tws[i % n_t]))
         ts = interleaved_ms(fs, time.perf_counter, args.repeats)     # BLAS with its own threads
         dense = ts[0]
         print(f"{D:5d} {dense:10.3f}" + "".join(f" {t:10.3f}" for t in ts[1:]))
