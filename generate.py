@@ -122,7 +122,7 @@ def run(args):
 
     out = generate(params, cfg, prompt, args.max_new_tokens, args.temperature, args.top_k or None,
                    np.random.default_rng(args.seed), plan or spec, meter, fast, stop_id,
-                   model.REFERENCE if args.reference else FAST, prefill_done)
+                   model.REFERENCE if args.reference else FAST, prefill_done, score_prompt=on_prefill is not None)
     if decision.get("dense"):
         spec = cfg.spec_at(0.0)
         run_cfg = replace(cfg, sparsity=0.0, nm=None)

@@ -36,7 +36,7 @@ def sample_next(logits, temperature, top_k, rng):
 
 
 def generate(params, cfg, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, rng=None,
-             spec=None, meter=None, fast=None, stop_id=None, ops=REFERENCE, on_prefill=None):
+             spec=None, meter=None, fast=None, stop_id=None, ops=REFERENCE, on_prefill=None, score_prompt=True):
     """prompt_ids (B, T0) ints -> (B, T0 + n) ints, as a NumPy array, n <= max_new_tokens.
 
     fast: a fast.decode.DecodeWeights, to read only the selected weight rows; each call then goes through
@@ -44,7 +44,9 @@ def generate(params, cfg, prompt_ids, max_new_tokens, temperature=1.0, top_k=Non
     stop_id: a token (end of turn) after which a row is done; generation ends when every row is.
     on_prefill: called once with the prompt's logits (B, T0, V) and its ids (B, T0); it may return another spec (the dense
     fallback), and then the prompt is run again with that spec, and decoding goes on with it; `fast` stays
-    only where it serves that spec (DecodeWeights.serves: the compiled step decodes dense too)."""
+    only where it serves that spec (DecodeWeights.serves: the compiled step decodes dense too).
+    score_prompt=False: on_prefill needs only the last position's logits (B, 1, V), e.g. a hook that
+    just notes the time; the prefill then skips the head's product at the other positions."""
     if not temperature >= 0:                      # also rejects nan
         raise UsageError(f"temperature {temperature!r} is not allowed: it must be >= 0 (0 = greedy).")
     if max_new_tokens < 0:
@@ -57,12 +59,12 @@ def generate(params, cfg, prompt_ids, max_new_tokens, temperature=1.0, top_k=Non
     xp = array_module(params["wte"])
     with fast.quiet() if fast is not None else contextlib.nullcontext():   # BLAS settings for its kernels
         out = _decode_loop(params, cfg, out, max_new_tokens, temperature, top_k, rng, spec, meter, fast, xp,
-                           stop_id, ops, on_prefill)
+                           stop_id, ops, on_prefill, score_prompt)
     return out
 
 
 def _decode_loop(params, cfg, out, max_new_tokens, temperature, top_k, rng, spec, meter, fast, xp, stop_id, ops,
-                 on_prefill=None):
+                 on_prefill=None, score_prompt=True):
     kv = None
     done = np.zeros(out.shape[0], dtype=bool)
     forward = decode_forward if fast is None else fast.decode_forward     # a compiled step where it has one
@@ -73,7 +75,7 @@ def _decode_loop(params, cfg, out, max_new_tokens, temperature, top_k, rng, spec
             kv = new_cache(params, cfg, out.shape[0])
             # the head at the last position only, unless on_prefill scores the whole prompt
             logits = forward(params, cfg, xp.asarray(out[:, -keep:]), kv, spec, meter, fast, ops,
-                             last_only=on_prefill is None)
+                             last_only=on_prefill is None or not score_prompt)
             switch = on_prefill(logits, out[:, -keep:]) if on_prefill is not None else None
             on_prefill = None                                 # the prompt only, not a refill
             if switch is not None:                           # the cache holds the old spec's keys: redo it

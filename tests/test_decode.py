@@ -66,6 +66,9 @@ def test_generate_prefills_with_the_head_at_the_last_position_only(monkeypatch):
     shapes.clear()
     generate(params, cfg, prompt, 2, temperature=0.0, on_prefill=lambda logits, ids: None)
     assert shapes[0] == (4, 4)
+    shapes.clear()                                                            # a hook that only notes the time
+    generate(params, cfg, prompt, 2, temperature=0.0, on_prefill=lambda logits, ids: None, score_prompt=False)
+    assert shapes[0] == (4, 1)
 
 
 def test_dense_override_and_meter():

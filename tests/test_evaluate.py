@@ -267,6 +267,22 @@ def test_generate_fallback_auto_decodes_dense_on_shifted_text_and_sparse_otherwi
     assert out == greedy(familiar)[0]
 
 
+def test_generate_fallback_auto_scores_every_position_of_the_prompt(run, report, capsys, monkeypatch):
+    """The fallback's rule reads the prompt's loss: its prefill computes the head at every position
+    (a plain generate.py computes it at the last only, tests/test_programs.py)."""
+    seen = []
+    forward = model.forward
+
+    def spy(*args, **kw):
+        seen.append(kw.get("last_only", False))
+        return forward(*args, **kw)
+    monkeypatch.setattr(model, "forward", spy)
+    rc, _, err = call(generate, ["--out_dir", run, "--prompt", "the cat sat on", "--max_new_tokens", 2,
+                                 "--fallback", "auto"], capsys)
+    assert rc == 0, err
+    assert seen[0] is False
+
+
 @pytest.mark.parametrize("argv, needles", [
     (["--sparsity", "0,1.5"], ["'1.5'", "[0, 1)"]),
     (["--sparsity", "0,9:4"], ["keep=9, block=4"]),
