@@ -21,7 +21,7 @@ from minisparse import model
 from minisparse.errors import UsageError
 from minisparse.train import load_run
 from conftest import write_corpus
-from test_programs import assert_one_sentence, call, tiny
+from test_programs import assert_one_sentence, call, tiny, watch_last_only
 
 
 def small_cfg(**kw):
@@ -270,13 +270,7 @@ def test_generate_fallback_auto_decodes_dense_on_shifted_text_and_sparse_otherwi
 def test_generate_fallback_auto_scores_every_position_of_the_prompt(run, report, capsys, monkeypatch):
     """The fallback's rule reads the prompt's loss: its prefill computes the head at every position
     (a plain generate.py computes it at the last only, tests/test_programs.py)."""
-    seen = []
-    forward = model.forward
-
-    def spy(*args, **kw):
-        seen.append(kw.get("last_only", False))
-        return forward(*args, **kw)
-    monkeypatch.setattr(model, "forward", spy)
+    seen = watch_last_only(monkeypatch)
     rc, _, err = call(generate, ["--out_dir", run, "--prompt", "the cat sat on", "--max_new_tokens", 2,
                                  "--fallback", "auto"], capsys)
     assert rc == 0, err

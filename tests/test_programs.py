@@ -301,15 +301,20 @@ def test_generate_without_a_prompt_works_on_a_corpus_without_capitals(sparse_run
     assert "12 tokens" in err
 
 
-def test_generate_prefills_the_head_at_the_last_position_only(sparse_run, capsys, monkeypatch):
-    """generate.py's prompt timer needs no logits but the last (--fallback auto reads them all)."""
-    seen = []
-    forward = model.forward
+def watch_last_only(monkeypatch):
+    """A list that receives model.forward's last_only at every call from now on."""
+    seen, forward = [], model.forward
 
     def spy(*args, **kw):
         seen.append(kw.get("last_only", False))
         return forward(*args, **kw)
     monkeypatch.setattr(model, "forward", spy)
+    return seen
+
+
+def test_generate_prefills_the_head_at_the_last_position_only(sparse_run, capsys, monkeypatch):
+    """generate.py's prompt timer needs no logits but the last (--fallback auto reads them all)."""
+    seen = watch_last_only(monkeypatch)
     rc, _, err = call(generate, ["--out_dir", sparse_run, "--prompt", "the ", "--max_new_tokens", 3, "--kernel",
                                  "masked"], capsys)
     assert rc == 0, err
