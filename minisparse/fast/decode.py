@@ -48,8 +48,7 @@ def decode_weights(params, cfg, spec, kernel="auto", rows=1):
     if kernel == "masked":
         return None
     if isinstance(spec, SparseSpec) and spec.dense and not (
-            kernel in ("auto", "numba") and rows == 1 and array_module(params["wte"]) is np
-            and fast_step.supported(cfg, spec)):
+            rows == 1 and fast_step.applies(cfg, spec, kernel, array_module(params["wte"]))):
         return None
     return DecodeWeights(params, cfg, kernel)
 
@@ -71,7 +70,7 @@ class DecodeWeights:
         self.ternary = cfg.w_bits == 1.58 and cfg.a_bits == 8 and xp is np     # packed, 2 bits a weight
         self.wt = {}                           # (layer, site) -> (Wt or TernaryWeights, [O_i]); absent: masked
         # the compiled step (fast/step.py) decodes a single token with every site's Wt, chosen or not
-        steps = method in ("auto", "numba") and xp is np and fast_step.supported(cfg, cfg.spec)
+        steps = fast_step.applies(cfg, cfg.spec, method, xp)
         step_wts = [[] for _ in range(cfg.n_layer)]
         for l in range(cfg.n_layer):
             for site, names in SITE_WEIGHTS.items():

@@ -50,6 +50,12 @@ def supported(cfg, spec):
     return all(s.a_bits == 16 and s.w_bits == 16 for s in specs)
 
 
+def applies(cfg, spec, method, xp):
+    """Whether DecodeWeights(method) of arrays of module xp builds the step, and the step runs
+    `spec`: one of numba's methods (auto, numba), NumPy arrays, and supported(cfg, spec)."""
+    return method in ("auto", "numba") and xp is np and supported(cfg, spec)
+
+
 def kept_per_block(spec, D):
     """(k, block): a token keeps the k largest |x| of every block of `block` of its D inputs. N:M:
     (keep, block); top-K: (K, D), one block; dense: (D, D), every nonzero input."""

@@ -5,7 +5,7 @@
     fast.ternary.ternary_sparse_matvec(x, spec, tw)       ==  ternary.ternary_sparse_matvec(x, spec, tw)
 
 Both give the same integer sums; ternary_sparse_matvec also gives the same y bit for bit, since
-it quantizes with the same float operations in the same order, unfused.
+it quantizes x and scales the sums with the same float operations in the same order, unfused.
 
 Why faster: the products v * u (|v| <= 128, u = c + 1 in {0, 1, 2}) and their sums over a block
 of 120 rows fit in int16, so the kernel adds them in int16 lanes, twice as many a vector as
