@@ -177,19 +177,24 @@ if numba is not None:
 
     @numba.njit(fastmath=True, error_model="numpy", cache=True)
     def _rows_into(vals, idx, Wt, acc, k, k1):
-        # acc = vals[k:k1] @ Wt[idx[k:k1]], whole rows, 4 per pass: acc (O floats) stays in L1/L2
+        # acc = vals[k:k1] @ Wt[idx[k:k1]], whole rows, 8 per pass: acc (O floats) stays in L1/L2.
+        # The 8 rows of a pass come from 8 separate eighths of the range, each walked in order, so
+        # memory sees 8 long ascending streams; 8 neighbouring rows would instead start 8 new short
+        # streams every pass, which the hardware prefetchers follow less well (benchmarks/RESULTS.md)
         acc[:] = 0
-        while k + 4 <= k1:
-            v0, v1, v2, v3 = vals[k], vals[k + 1], vals[k + 2], vals[k + 3]
-            r0, r1, r2, r3 = Wt[idx[k]], Wt[idx[k + 1]], Wt[idx[k + 2]], Wt[idx[k + 3]]
+        m = (k1 - k) // 8
+        for a in range(k, k + m):
+            v0, v1, v2, v3 = vals[a], vals[a + m], vals[a + 2 * m], vals[a + 3 * m]
+            v4, v5, v6, v7 = vals[a + 4 * m], vals[a + 5 * m], vals[a + 6 * m], vals[a + 7 * m]
+            r0, r1, r2, r3 = Wt[idx[a]], Wt[idx[a + m]], Wt[idx[a + 2 * m]], Wt[idx[a + 3 * m]]
+            r4, r5, r6, r7 = Wt[idx[a + 4 * m]], Wt[idx[a + 5 * m]], Wt[idx[a + 6 * m]], Wt[idx[a + 7 * m]]
             for j in range(acc.shape[0]):
-                acc[j] += v0 * r0[j] + v1 * r1[j] + v2 * r2[j] + v3 * r3[j]
-            k += 4
-        while k < k1:
-            v, r = vals[k], Wt[idx[k]]
+                acc[j] += (v0 * r0[j] + v1 * r1[j] + v2 * r2[j] + v3 * r3[j]) + \
+                          (v4 * r4[j] + v5 * r5[j] + v6 * r6[j] + v7 * r7[j])
+        for a in range(k + 8 * m, k1):                    # the last k1 - k mod 8 rows
+            v, r = vals[a], Wt[idx[a]]
             for j in range(acc.shape[0]):
                 acc[j] += v * r[j]
-            k += 1
 
     @numba.njit(parallel=True, cache=True)
     def _rows_matvec_split(vals, idx, Wt, y, parts):
