@@ -68,14 +68,18 @@ def _decode_loop(params, cfg, out, max_new_tokens, temperature, top_k, rng, spec
     kv = None
     done = np.zeros(out.shape[0], dtype=bool)
     forward = decode_forward if fast is None else fast.decode_forward     # a compiled step where it has one
+
+    def prefill_context():                   # the BLAS threads for many tokens (DecodeWeights.prefill)
+        return fast.prefill() if fast is not None else contextlib.nullcontext()
     for _ in range(max_new_tokens):
         if kv is None or kv.length == cfg.block_size:
             # (re)fill the cache with the most recent context
             keep = cfg.block_size if kv is None else cfg.block_size // 2
             kv = new_cache(params, cfg, out.shape[0])
             # the head at the last position only, unless on_prefill scores the whole prompt
-            logits = forward(params, cfg, xp.asarray(out[:, -keep:]), kv, spec, meter, fast, ops,
-                             last_only=on_prefill is None or not score_prompt)
+            with prefill_context():
+                logits = forward(params, cfg, xp.asarray(out[:, -keep:]), kv, spec, meter, fast, ops,
+                                 last_only=on_prefill is None or not score_prompt)
             switch = on_prefill(logits, out[:, -keep:]) if on_prefill is not None else None
             on_prefill = None                                 # the prompt only, not a refill
             if switch is not None:                           # the cache holds the old spec's keys: redo it
@@ -84,7 +88,9 @@ def _decode_loop(params, cfg, out, max_new_tokens, temperature, top_k, rng, spec
                     fast, forward = None, decode_forward
                 meter.reset()                                 # count what the new spec computes
                 kv = new_cache(params, cfg, out.shape[0])
-                logits = forward(params, cfg, xp.asarray(out[:, -keep:]), kv, spec, meter, fast, ops, last_only=True)
+                with prefill_context():
+                    logits = forward(params, cfg, xp.asarray(out[:, -keep:]), kv, spec, meter, fast, ops,
+                                     last_only=True)
         else:
             logits = forward(params, cfg, xp.asarray(out[:, -1:]), kv, spec, meter, fast, ops)
         nxt = sample_next(to_numpy(logits[:, -1, :]), temperature, top_k, rng)

@@ -696,3 +696,23 @@ def test_train_init_from_missing_gguf_is_one_sentence(corpus, tmp_path, capsys):
     rc, _, err = call(train_tiny, ["--init_from", tmp_path / "missing.gguf", "--out_dir", tmp_path / "o",
                                    "--data", corpus], capsys)
     assert_one_sentence(rc, err, "train_tiny.py", "missing.gguf", "no such GGUF file")
+
+
+def test_generate_sets_a_short_openblas_thread_timeout_before_numpy_loads():
+    """OpenBLAS reads OPENBLAS_THREAD_TIMEOUT once, when NumPy loads it: generate.py sets it (4, unless
+    the user set another) before it imports NumPy, which DecodeWeights.prefill relies on."""
+    probe = ("import sys, builtins\n"
+             "real = builtins.__import__\n"
+             "def spy(name, *a, **k):\n"
+             "    if name == 'numpy' and 'numpy' not in sys.modules:\n"
+             "        import os; print('at numpy:', os.environ.get('OPENBLAS_THREAD_TIMEOUT'))\n"
+             "    return real(name, *a, **k)\n"
+             "builtins.__import__ = spy\n"
+             "import generate\n")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == "at numpy: 4"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env={**env, "OPENBLAS_THREAD_TIMEOUT": "12"},
+                         capture_output=True, text=True)
+    assert out.stdout.splitlines()[0] == "at numpy: 12"                # the user's own value is kept

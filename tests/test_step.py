@@ -224,3 +224,61 @@ def test_decoding_with_the_step_keeps_blas_on_one_thread():
     with fast.quiet():                       # the BLAS libraries that runtime.blas_threads controls
         ctl = runtime._blas_controller                          # made by the first blas_threads call
         assert ctl is not None and {i["num_threads"] for i in ctl.info() if i["user_api"] == "blas"} == {1}
+
+
+def blas_thread_counts():
+    """{threads} of the BLAS libraries that runtime.blas_threads controls."""
+    from minisparse.fast import runtime
+    return {i["num_threads"] for i in runtime._blas_controller.info() if i["user_api"] == "blas"}
+
+
+@pytest.mark.parametrize("timeout, short", [("4", True), ("10", True), ("11", False), ("28", False),
+                                            (None, False), ("soon", False)])
+def test_short_blas_idle_reads_openblas_thread_timeout(monkeypatch, timeout, short):
+    from minisparse.fast import runtime
+    if timeout is None:
+        monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT", raising=False)
+    else:
+        monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", timeout)
+    assert runtime.short_blas_idle() is short
+
+
+def test_prefill_gets_every_core_only_where_blas_threads_sleep_at_once(monkeypatch):
+    """DecodeWeights.prefill inside quiet(): BLAS on every core when the step decodes the tokens after
+    it and OpenBLAS's idle threads sleep at once; one thread again after it; else nothing changes."""
+    pytest.importorskip("threadpoolctl")
+    from minisparse.fast.parallel import cores
+    cfg, ref, params, fast = build(TINY)
+    assert fast.step is not None
+    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "4")
+    with fast.quiet():
+        assert blas_thread_counts() == {1}
+        with fast.prefill():
+            assert blas_thread_counts() == {cores()}
+        assert blas_thread_counts() == {1}
+    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "28")            # idle threads would spin: stay at one
+    with fast.quiet(), fast.prefill():
+        assert blas_thread_counts() == {1}
+    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "4")
+    chunked = DecodeWeights(model.init_params(cfg, seed=1), cfg, "chunked")     # no step: BLAS decodes too
+    assert chunked.step is None
+    with chunked.quiet():
+        before = blas_thread_counts()
+        with chunked.prefill():
+            assert blas_thread_counts() == before
+
+
+def test_generate_prefills_on_every_core_and_decodes_on_one(monkeypatch):
+    """The loop runs the prefill (and a refill) inside DecodeWeights.prefill, each token outside it."""
+    pytest.importorskip("threadpoolctl")
+    from minisparse.fast.parallel import cores
+    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "4")
+    cfg, ref, params, fast = build(TINY)
+    seen = []
+    step_forward = fast.decode_forward
+    fast.decode_forward = lambda *a, **kw: seen.append((a[2].shape[1], blas_thread_counts())) or step_forward(*a, **kw)
+    generate(params, cfg, np.array([[1, 2, 3, 4, 5]]), cfg.block_size, 0.0, fast=fast)
+    many = {n for n, _ in seen if n > 1}
+    assert 5 in many and cfg.block_size // 2 in many              # the prompt, then the refill at block_size
+    for n, threads in seen:
+        assert threads == ({cores()} if n > 1 else {1}), (n, threads)

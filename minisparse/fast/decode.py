@@ -37,6 +37,8 @@ from ..model import SITE_WEIGHTS
 from . import rowsparse as fast_rowsparse
 from . import step as fast_step
 from . import ternary as fast_ternary
+from .parallel import cores
+from .runtime import blas_threads, short_blas_idle
 from .topk import sparsify as fast_sparsify
 
 
@@ -136,6 +138,18 @@ class DecodeWeights:
         if not self.wt or array_module(next(iter(self.wt.values()))[0]) is not np:
             return contextlib.nullcontext()
         return fast_rowsparse.quiet_blas(self.method)
+
+    def prefill(self):
+        """The context for a call of many tokens (a prompt's prefill) inside quiet(): BLAS on every
+        core again, where the compiled step decodes the tokens that follow (so BLAS is idle after
+        the prefill) and OpenBLAS's idle threads go to sleep at once (runtime.short_blas_idle:
+        generate.py sets OPENBLAS_THREAD_TIMEOUT before NumPy loads). Elsewhere nothing changes.
+
+        Why: a prefill's products have many rows, and BLAS shares them well between the cores. Left
+        spinning after the prefill, OpenBLAS's threads would take a core from the step's threads, and
+        the first tokens would lose about what the prefill gained (benchmarks/RESULTS.md)."""
+        limit = blas_threads(cores()) if self.step is not None and short_blas_idle() else None
+        return contextlib.nullcontext() if limit is None else limit
 
     def select(self, row, spec, wt):
         """One token's input row (D,) -> y (sum O_i,), rows read."""

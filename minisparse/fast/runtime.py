@@ -2,12 +2,14 @@
 
     retain_freed_memory()   glibc's malloc keeps freed blocks for reuse
     blas_threads(n)         a context in which BLAS runs each call on n threads (threadpoolctl)
+    short_blas_idle()       whether OpenBLAS's idle threads go to sleep at once (OPENBLAS_THREAD_TIMEOUT)
 
 The programs call these (train.py with its fast ops, generate.py while the numba kernel decodes);
 the reference path runs without them.
 """
 
 import ctypes
+import os
 import sys
 
 
@@ -47,3 +49,14 @@ def blas_threads(n):
             return None
         _blas_controller = ThreadpoolController()
     return _blas_controller.limit(limits=n, user_api="blas")
+
+
+def short_blas_idle():
+    """Whether OpenBLAS's idle threads go to sleep at once: OPENBLAS_THREAD_TIMEOUT is set, to at
+    most 10 (2^10 cycles, under a microsecond). OpenBLAS reads it when it loads, so a program sets
+    it before importing NumPy (generate.py does); by default they spin for about 2^28 cycles
+    (tenths of a second), sharing the cores with whatever runs next."""
+    try:
+        return int(os.environ.get("OPENBLAS_THREAD_TIMEOUT", "")) <= 10
+    except ValueError:
+        return False
