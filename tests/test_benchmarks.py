@@ -97,3 +97,26 @@ def test_whole_run_mode_prepares_nanogpts_data_from_the_same_tokens(tmp_path):
     assert train_speed.final_val_loss("step 0: train loss 4.5, val loss 4.4176\nstep 250: train loss 2.1, "
                                       "val loss 2.0500\n") == 2.05
     assert np.isnan(train_speed.final_val_loss("no evaluation printed"))
+
+
+def test_step_bandwidth_counts_the_bytes_of_the_rows_each_variant_read():
+    """benchmarks/step_bandwidth.py's rates divide by these bytes: dense reads every row, top-K 50%
+    exactly K rows of every site, and "no rows" none."""
+    from benchmarks import step_bandwidth
+    if step_bandwidth.fast_step.numba is None:
+        pytest.skip("benchmarks/step_bandwidth.py needs numba")
+    import numpy as np
+    from minisparse import model
+    from minisparse.topk import kept_count
+    cfg = model.GPTConfig(vocab_size=31, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                          n_hidden=96, activation="swiglu")
+    params = model.init_params(cfg, seed=0)
+    fast = step_bandwidth.DecodeWeights(params, cfg)
+    times, row_bytes = step_bandwidth.measure(params, cfg, fast, [1, 2, 3], {"S 0": cfg.spec_at(0.0),
+                                                                           "S 0.5": cfg.spec_at(0.5)}, 2)
+    dims = [model.site_dims(cfg)[s][0] for s in model.SITES]
+    assert list(row_bytes) == [4 * w.shape[1] for w in fast.step.wts[0]]
+    assert sorted(times) == ["S 0", "S 0.5", "no rows"] and all(len(t) == 2 for t in times.values())
+    assert {t[2] for t in times["S 0"]} == {cfg.n_layer * int(np.dot(dims, row_bytes))}
+    assert {t[2] for t in times["S 0.5"]} == {cfg.n_layer * sum(kept_count(D, 0.5) * b for D, b in zip(dims, row_bytes))}
+    assert {t[2] for t in times["no rows"]} == {0}

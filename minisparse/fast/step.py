@@ -379,25 +379,37 @@ def decode_forward(params, cfg, idx, kv, spec=None, meter=None, fast=None, ops=R
     if sel is None:                          # not one token, or not supported; a full cache raises there
         return decode.decode_forward(params, cfg, idx, kv, spec, meter, fast, ops, last_only)
     k, block = sel
-    pos = kv.length
-    hs = cfg.n_embd // cfg.n_head
-    cos, sin = rope_tables(np, 1, hs, cfg.rope_base, pos, params["wte"].dtype)      # (1, hs/2)
     x = params["wte"][idx[0, 0]].copy()                                             # (C,)
     read = np.zeros((cfg.n_layer, len(SITES)), dtype=np.int64)
-    for l in range(cfg.n_layer):
-        p = f"h.{l}."
-        Wqkv, Wo, Wug, Wdown = step.wts[l]
-        _layer(x, pos, params[p + "attn_norm"], params[p + "ffn_norm"], cfg.norm_eps, Wqkv, Wo, Wug, Wdown,
-               kv.k[l][0], kv.v[l][0], cos[0], sin[0], cfg.rope_layout == "pairs", cfg.n_head,
-               cfg.activation == "swiglu", k[l], block[l], step.tiles, read[l])
-    kv.length = pos + 1
-    W = head_weight(params, cfg)
-    tile = W.shape[0] if W.size < step.min_weights else fast_rowsparse._tiles(W.shape[0], 4096)
-    logits = _head(x, params["norm_f"], cfg.norm_eps, W, tile,
-                   np.empty(W.shape[0], dtype=x.dtype))
+    layers(params, cfg, step, x, kv, k, block, read)
+    kv.length += 1
+    logits = head(params, cfg, step, x)
     if meter is not None:
         D = np.array([site_dims(cfg)[site][0] for site in SITES])              # (4,) inputs per site
         zeros = 1.0 - read.sum(axis=0) / (cfg.n_layer * D)       # every layer counted as one token
         for j, site in enumerate(SITES):
             meter.add(site, cfg.n_layer, float(zeros[j]))
     return logits[None, None]
+
+
+def layers(params, cfg, step, x, kv, k, block, read):
+    """The blocks of one token at position kv.length, one compiled call each: x (C,) is updated in
+    place, each layer's cache receives the token's key and value (kv.length is not moved), and
+    read (L, 4) the rows each site read. k, block: selection(cfg, spec)."""
+    pos = kv.length
+    hs = cfg.n_embd // cfg.n_head
+    cos, sin = rope_tables(np, 1, hs, cfg.rope_base, pos, params["wte"].dtype)      # (1, hs/2)
+    for l in range(cfg.n_layer):
+        p = f"h.{l}."
+        Wqkv, Wo, Wug, Wdown = step.wts[l]
+        _layer(x, pos, params[p + "attn_norm"], params[p + "ffn_norm"], cfg.norm_eps, Wqkv, Wo, Wug, Wdown,
+               kv.k[l][0], kv.v[l][0], cos[0], sin[0], cfg.rope_layout == "pairs", cfg.n_head,
+               cfg.activation == "swiglu", k[l], block[l], step.tiles, read[l])
+
+
+def head(params, cfg, step, x):
+    """The logits (V,) of the last block's output x (C,): the final RMSNorm and the head's product,
+    its rows split over the threads (on one thread where the head is small)."""
+    W = head_weight(params, cfg)
+    tile = W.shape[0] if W.size < step.min_weights else fast_rowsparse._tiles(W.shape[0], 4096)
+    return _head(x, params["norm_f"], cfg.norm_eps, W, tile, np.empty(W.shape[0], dtype=x.dtype))
