@@ -282,3 +282,27 @@ def test_generate_prefills_on_every_core_and_decodes_on_one(monkeypatch):
     assert 5 in many and cfg.block_size // 2 in many              # the prompt, then the refill at block_size
     for n, threads in seen:
         assert threads == ({cores()} if n > 1 else {1}), (n, threads)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_product_reads_every_selected_row_once_for_any_count(dtype):
+    """_rows_into walks 8 eighths of the rows k..k1 at a time, then the k1 - k mod 8 rows left; the
+    split over threads gives each thread its own range. Every count of rows, 0 to 41, against
+    vals @ Wt[idx], for one thread and for a split in 2 and 3 parts."""
+    rng = np.random.default_rng(0)
+    Wt = rng.standard_normal((50, 37)).astype(dtype)
+    for n in range(42):
+        idx = np.sort(rng.choice(50, n, replace=False)).astype(np.int64)
+        vals = rng.standard_normal(n).astype(dtype)
+        want = vals.astype(np.float64) @ Wt[idx].astype(np.float64)
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+        acc = np.full(37, np.nan, dtype=dtype)                 # every entry must be written
+        fast_step._rows_into(vals, idx, Wt, acc, 0, n)
+        np.testing.assert_allclose(acc, want, **tol)
+        if n >= 3:                                             # a range inside, as a thread gets it
+            fast_step._rows_into(vals, idx, Wt, acc, 1, n - 1)
+            np.testing.assert_allclose(acc, vals[1:n - 1].astype(np.float64) @ Wt[idx[1:n - 1]], **tol)
+        for P in (2, 3):
+            y = np.empty(37, dtype=dtype)
+            fast_step._rows_matvec_split(vals, idx, Wt, y, np.empty((P, 37), dtype=dtype))
+            np.testing.assert_allclose(y, want, **tol)
