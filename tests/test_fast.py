@@ -95,3 +95,20 @@ def test_model_with_fast_ops_equals_reference(sparsity, nm, kw):
     assert b == pytest.approx(a, rel=1e-13)
     for k in ga:
         np.testing.assert_allclose(gb[k], ga[k], rtol=1e-10, atol=1e-12, err_msg=k)
+
+
+def test_blas_thread_count_reads_the_count_without_changing_it():
+    """runtime.blas_thread_count is what DecodeWeights.prefill gives back to BLAS: the count in force,
+    read without limiting it (a threadpoolctl limit applies as soon as it is made)."""
+    pytest.importorskip("threadpoolctl")
+    from threadpoolctl import threadpool_info
+    from minisparse.fast import runtime
+
+    def counts():
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+    before = counts()
+    assert runtime.blas_thread_count() == max(before)
+    assert counts() == before                                   # reading changed nothing
+    with runtime.blas_threads(1):
+        assert runtime.blas_thread_count() == 1
+    assert counts() == before and runtime.blas_thread_count() == max(before)

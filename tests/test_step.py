@@ -229,7 +229,7 @@ def test_decoding_with_the_step_keeps_blas_on_one_thread():
 def blas_thread_counts():
     """{threads} of the BLAS libraries that runtime.blas_threads controls."""
     from minisparse.fast import runtime
-    return {i["num_threads"] for i in runtime._blas_controller.info() if i["user_api"] == "blas"}
+    return {i["num_threads"] for i in runtime._controller().info() if i["user_api"] == "blas"}
 
 
 @pytest.mark.parametrize("timeout, short", [("4", True), ("10", True), ("11", False), ("28", False),
@@ -247,14 +247,21 @@ def test_prefill_gets_every_core_only_where_blas_threads_sleep_at_once(monkeypat
     """DecodeWeights.prefill inside quiet(): BLAS on every core when the step decodes the tokens after
     it and OpenBLAS's idle threads sleep at once; one thread again after it; else nothing changes."""
     pytest.importorskip("threadpoolctl")
-    from minisparse.fast.parallel import cores
     cfg, ref, params, fast = build(TINY)
     assert fast.step is not None
     monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "4")
+    before = blas_thread_counts()                              # BLAS's own count, outside quiet()
+    assert fast.prefill_threads == max(before)
     with fast.quiet():
         assert blas_thread_counts() == {1}
         with fast.prefill():
-            assert blas_thread_counts() == {cores()}
+            assert blas_thread_counts() == {max(before)}
+        assert blas_thread_counts() == {1}
+    from minisparse.fast import runtime
+    with runtime.blas_threads(1):                              # the user held BLAS to one thread
+        held = DecodeWeights(model.init_params(cfg, seed=2), cfg)
+    assert held.prefill_threads == 1
+    with held.quiet(), held.prefill():
         assert blas_thread_counts() == {1}
     monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "28")            # idle threads would spin: stay at one
     with fast.quiet(), fast.prefill():
@@ -271,7 +278,6 @@ def test_prefill_gets_every_core_only_where_blas_threads_sleep_at_once(monkeypat
 def test_generate_prefills_on_every_core_and_decodes_on_one(monkeypatch):
     """The loop runs the prefill (and a refill) inside DecodeWeights.prefill, each token outside it."""
     pytest.importorskip("threadpoolctl")
-    from minisparse.fast.parallel import cores
     monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "4")
     cfg, ref, params, fast = build(TINY)
     seen = []
@@ -281,7 +287,7 @@ def test_generate_prefills_on_every_core_and_decodes_on_one(monkeypatch):
     many = {n for n, _ in seen if n > 1}
     assert 5 in many and cfg.block_size // 2 in many              # the prompt, then the refill at block_size
     for n, threads in seen:
-        assert threads == ({cores()} if n > 1 else {1}), (n, threads)
+        assert threads == ({fast.prefill_threads} if n > 1 else {1}), (n, threads)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -37,8 +37,7 @@ from ..model import SITE_WEIGHTS
 from . import rowsparse as fast_rowsparse
 from . import step as fast_step
 from . import ternary as fast_ternary
-from .parallel import cores
-from .runtime import blas_threads, short_blas_idle
+from .runtime import blas_thread_count, blas_threads, short_blas_idle
 from .topk import sparsify as fast_sparsify
 
 
@@ -100,6 +99,8 @@ class DecodeWeights:
                             start += W.shape[0]
                     del Ws, Wq
         self.step = fast_step.Step(step_wts) if steps else None
+        # the BLAS threads a prefill may take back (prefill()): what BLAS has now, outside quiet()
+        self.prefill_threads = blas_thread_count() if self.step is not None else None
         # what a decode loop calls, with decode.decode_forward's signature (and fast=self): one token
         # through the compiled step where it applies, anything else through decode.decode_forward
         self.decode_forward = fast_step.decode_forward
@@ -140,15 +141,17 @@ class DecodeWeights:
         return fast_rowsparse.quiet_blas(self.method)
 
     def prefill(self):
-        """The context for a call of many tokens (a prompt's prefill) inside quiet(): BLAS on every
-        core again, where the compiled step decodes the tokens that follow (so BLAS is idle after
-        the prefill) and OpenBLAS's idle threads go to sleep at once (runtime.short_blas_idle:
-        generate.py sets OPENBLAS_THREAD_TIMEOUT before NumPy loads). Elsewhere nothing changes.
+        """The context for a call of many tokens (a prompt's prefill) inside quiet(): BLAS back on
+        the threads it had when these weights were built (every core, unless the user limited it),
+        where the compiled step decodes the tokens that follow (so BLAS is idle after the prefill)
+        and OpenBLAS's idle threads go to sleep at once (runtime.short_blas_idle: generate.py sets
+        OPENBLAS_THREAD_TIMEOUT before NumPy loads). Elsewhere nothing changes.
 
         Why: a prefill's products have many rows, and BLAS shares them well between the cores. Left
         spinning after the prefill, OpenBLAS's threads would take a core from the step's threads, and
         the first tokens would lose about what the prefill gained (benchmarks/RESULTS.md)."""
-        limit = blas_threads(cores()) if self.step is not None and short_blas_idle() else None
+        several = self.prefill_threads is not None and self.prefill_threads > 1
+        limit = blas_threads(self.prefill_threads) if several and short_blas_idle() else None
         return contextlib.nullcontext() if limit is None else limit
 
     def select(self, row, spec, wt):

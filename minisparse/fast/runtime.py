@@ -2,6 +2,7 @@
 
     retain_freed_memory()   glibc's malloc keeps freed blocks for reuse
     blas_threads(n)         a context in which BLAS runs each call on n threads (threadpoolctl)
+    blas_thread_count()     the threads BLAS runs each call on now
     short_blas_idle()       whether OpenBLAS's idle threads go to sleep at once (OPENBLAS_THREAD_TIMEOUT)
 
 The programs call these (train.py with its fast ops, generate.py while the numba kernel decodes);
@@ -36,11 +37,9 @@ def retain_freed_memory():
 _blas_controller = None
 
 
-def blas_threads(n):
-    """A context in which BLAS runs each call with n threads (threadpoolctl), or None where
-    threadpoolctl is not installed. The controller, which finds the BLAS libraries loaded in
-    the process, is made once: a fresh threadpool_limits would search them again at every
-    training step."""
+def _controller():
+    """threadpoolctl's ThreadpoolController, made once (it searches the loaded BLAS libraries, which a
+    fresh threadpool_limits would do again at every training step), or None without threadpoolctl."""
     global _blas_controller
     if _blas_controller is None:
         try:
@@ -48,7 +47,22 @@ def blas_threads(n):
         except ImportError:
             return None
         _blas_controller = ThreadpoolController()
-    return _blas_controller.limit(limits=n, user_api="blas")
+    return _blas_controller
+
+
+def blas_threads(n):
+    """A context in which BLAS runs each call with n threads (threadpoolctl), or None where
+    threadpoolctl is not installed. The limit applies from this call on, so call it in a with."""
+    ctl = _controller()
+    return None if ctl is None else ctl.limit(limits=n, user_api="blas")
+
+
+def blas_thread_count():
+    """The most threads any loaded BLAS library runs a call on now (its default, the user's
+    OPENBLAS_NUM_THREADS, or a limit in force), or None where threadpoolctl is not installed."""
+    ctl = _controller()
+    counts = [] if ctl is None else [i["num_threads"] for i in ctl.info() if i["user_api"] == "blas"]
+    return max(counts) if counts else None
 
 
 def short_blas_idle():
