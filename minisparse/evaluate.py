@@ -486,7 +486,9 @@ def text_ids(tok, data, default_source):
 
 def decode_speed(params, cfg, prompt, plans, n_tokens, rounds):
     """Decode tokens/s of each uniform plan, greedy, the plans taking turns: {label: median}. Each plan
-    decodes as generate.py decodes it: dense too through the compiled step where that applies."""
+    decodes as generate.py decodes it: dense too through the compiled step where that applies. The
+    prompt's prefill takes more BLAS threads only where the process set generate.py's short
+    OPENBLAS_THREAD_TIMEOUT before NumPy loaded (DecodeWeights.prefill); evaluate.py does not."""
     specs = [p.spec(0, "qkv") for p in plans]
     fast = decode_weights(params, cfg, next((s for s in specs if not s.dense), specs[0]))   # shared by all
     times = {p.label: [] for p in plans}
