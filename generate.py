@@ -11,8 +11,8 @@ the training data); another value overrides the trained top-K sparsity.
 import os
 
 # Read by OpenBLAS when NumPy loads it, so set before any import: its idle threads then sleep at
-# once instead of spinning for tenths of a second. The prompt's prefill can then run BLAS on every
-# core without the spinning threads slowing the compiled decode step that follows
+# once instead of spinning for tenths of a second. The prompt's prefill can then run BLAS on the
+# threads the user allows without the spinning threads slowing the compiled decode step that follows
 # (fast.decode.DecodeWeights.prefill). A value set by the user is kept.
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")     # 2^4 cycles, its smallest
 
