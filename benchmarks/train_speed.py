@@ -9,21 +9,24 @@ batch 12, vocabulary 96 (the built-in corpus's). One step = forward + backward +
 clipping + AdamW, in float32. The PyTorch model below has the same equations (RMSNorm,
 rotate-half RoPE, causal attention, ReLU2-GLU, top-K with the straight-through estimator,
 untied head), eager mode, no torch.compile, the same thread count as NumPy's BLAS.
-minisparse steps as train.train() does: on the CPU the batch is split over one thread per
-core, each running its part with BLAS at one thread (minisparse/fast/parallel.py); the row
-"--threads 1" is the plain path, one Python thread with BLAS over all cores.
+minisparse steps as train.train() does: on the CPU the batch is split into one part per core,
+each run with BLAS at one thread, the first in this process and the others in worker processes
+(minisparse/fast/workers.py). The row "threads" splits it over threads of this process instead
+(minisparse/fast/parallel.py), and "--threads 1" is the plain path, one part with BLAS over all
+cores.
 
 After a warm-up the variants are timed in alternation, in blocks of --block steps (A A A B B B
 C C C A A A ...), so a change in the machine's load hits all of them alike; each gets the
 median over --steps steps. Peak memory
 is measured separately: each variant trains --mem_steps steps in a fresh process, and
-the process's peak resident set (VmHWM in /proc/self/status, Linux) is reported.
+the process's peak resident set (VmHWM in /proc/self/status, Linux) plus those of its worker
+processes is reported: the most the variant can hold at once.
 
 --whole times what a user waits for: a whole `train_tiny.py` run, start to finish (Python's start,
 the data, the steps, every evaluation and checkpoint), of nanoGPT's baby configuration (WHOLE_FLAGS:
 2000 steps, evaluation every 250 steps on 20 batches per split, lr 1e-3 -> 1e-4, warmup 100), dense
-and at 50% top-K, each in its own process; the wall time, the final val loss and the child's peak
-RSS (os.wait4). --nanogpt DIR adds nanoGPT itself (a checkout of github.com/karpathy/nanoGPT, none
+and at 50% top-K, each in its own process; the wall time, the final val loss and the peak RSS
+of the run's process plus those of its worker processes. --nanogpt DIR adds nanoGPT itself (a checkout of github.com/karpathy/nanoGPT, none
 of it part of this project) with the same configuration, the README's CPU command
 (`--device=cpu --compile=False`): its char data is written into DIR/data/ from the same text,
 tokenizer and train/val split that minisparse uses, so both train on the same tokens. --also DIR
@@ -47,6 +50,7 @@ import numpy as np  # noqa: E402
 from benchmarks.machine import describe  # noqa: E402
 from minisparse import backend, model  # noqa: E402
 from minisparse.fast import FAST, parallel  # noqa: E402
+from minisparse.fast.workers import Workers  # noqa: E402
 from minisparse.fast.runtime import retain_freed_memory  # noqa: E402
 from minisparse.optimizer import AdamW, clip_grad_norm  # noqa: E402
 
@@ -58,8 +62,10 @@ BATCH = 12
 # minisparse
 
 
-def minisparse_stepper(sparsity, device, seed=0, threads=0):
-    """One training step as train.train() runs it; threads 0 = one per core (fast/parallel.py)."""
+def minisparse_stepper(sparsity, device, seed=0, threads=0, processes=True):
+    """One training step as train.train() runs it; threads 0 = one part per core, the parts after the
+    first in worker processes (fast/workers.py), or with processes=False in threads (fast/parallel.py).
+    The step's close() ends the workers."""
     retain_freed_memory()              # as train.train() does; process-wide, so PyTorch gets it too
     cfg = model.GPTConfig(**SHAPES, sparsity=sparsity)
     params = {k: backend.asarray(v) for k, v in model.init_params(cfg, seed=seed).items()}
@@ -68,13 +74,19 @@ def minisparse_stepper(sparsity, device, seed=0, threads=0):
     sync = _sync(device)
     threads = 1 if device == "gpu" else (threads or parallel.auto_threads(sum(int(p.size) for p in params.values())))
 
+    workers = Workers(params, cfg, threads) if processes and threads > 1 and device == "cpu" else None
+
     def step():
         idx = rng.integers(0, cfg.vocab_size, (BATCH, cfg.block_size + 1))
         x, y = backend.asarray(idx[:, :-1]), backend.asarray(idx[:, 1:])
-        _, grads, _ = parallel.forward_backward(params, cfg, x, y, FAST, threads)
+        if workers is not None:
+            _, grads, _ = workers.forward_backward(params, cfg, x, y, FAST)
+        else:
+            _, grads, _ = parallel.forward_backward(params, cfg, x, y, FAST, threads)
         clip_grad_norm(grads, 1.0)
         opt.step(params, grads, 1e-3)
         sync()
+    step.close = workers.close if workers is not None else (lambda: None)
     return step
 
 
@@ -157,20 +169,24 @@ def torch_stepper(sparsity, device, seed=0):
 # ----------------------------------------------------------------------------------------
 
 
-VARIANTS = {                                   # name: (implementation, sparsity, threads)
-    "minisparse dense": ("minisparse", 0.0, 0),
-    "minisparse Q-Sparse 50%": ("minisparse", 0.5, 0),
-    "minisparse dense, --threads 1": ("minisparse", 0.0, 1),
-    "pytorch dense": ("torch", 0.0, 0),
-    "pytorch Q-Sparse 50%": ("torch", 0.5, 0),
+VARIANTS = {                                   # name: (implementation, sparsity, threads, processes)
+    "minisparse dense": ("minisparse", 0.0, 0, True),
+    "minisparse Q-Sparse 50%": ("minisparse", 0.5, 0, True),
+    "minisparse dense, threads": ("minisparse", 0.0, 0, False),
+    "minisparse Q-Sparse 50%, threads": ("minisparse", 0.5, 0, False),
+    "minisparse dense, --threads 1": ("minisparse", 0.0, 1, False),
+    "pytorch dense": ("torch", 0.0, 0, False),
+    "pytorch Q-Sparse 50%": ("torch", 0.5, 0, False),
 }
 
 
 def make(name, device):
-    kind, s, threads = VARIANTS[name]
+    kind, s, threads, processes = VARIANTS[name]
     if kind == "minisparse":
-        return minisparse_stepper(s, device, threads=threads)
-    return torch_stepper(s, device)
+        return minisparse_stepper(s, device, threads=threads, processes=processes)
+    step = torch_stepper(s, device)
+    step.close = lambda: None
+    return step
 
 
 def peak_rss_child(name, device, steps, threads):
@@ -180,7 +196,7 @@ def peak_rss_child(name, device, steps, threads):
             f"backend.set_device({device!r});"
             + (f"import torch; torch.set_num_threads({threads});" if VARIANTS[name][0] == "torch" else "")
             + f"s = b.make({name!r}, {device!r})\nfor _ in range({steps}): s()\n"
-            "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
+            "import os\nprint(sum(b.vmhwm_kb(p) for p in [os.getpid()] + b.descendants(os.getpid())))\ns.close()\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1]) / 1024.0        # VmHWM is in kB
 
@@ -254,17 +270,60 @@ PEAK_RSS = ("import atexit, runpy, sys\n"
             "runpy.run_path(sys.argv[0], run_name='__main__')\n")
 
 
+def vmhwm_kb(pid):
+    """A process's peak resident set so far, kB (Linux /proc), or 0 where it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return int(next(l.split()[1] for l in f if l.startswith("VmHWM")))
+    except (OSError, StopIteration):
+        return 0
+
+
+def descendants(pid):
+    """The processes started by pid, and by them, ... (Linux /proc)."""
+    children = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
 def run_whole(argv, cwd):
-    """Run one whole training in a fresh process: (wall seconds, final val loss, peak RSS MB)."""
+    """Run one whole training in a fresh process: (wall seconds, final val loss, peak RSS MB). The peak
+    RSS is the process's own plus that of each process it started (train.py's workers, read every
+    half second while they run): the most memory the run can have held at once."""
     import re
+    import threading
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
     t0 = time.perf_counter()
-    p = subprocess.run([argv[0], "-c", PEAK_RSS] + argv[1:], cwd=cwd, env=env, capture_output=True, text=True)
+    p = subprocess.Popen([argv[0], "-c", PEAK_RSS] + argv[1:], cwd=cwd, env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    peaks, done = {}, threading.Event()
+
+    def watch():
+        while not done.wait(0.5):
+            for pid in descendants(p.pid):
+                peaks[pid] = max(peaks.get(pid, 0), vmhwm_kb(pid))
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    out = p.communicate()[0]
     wall = time.perf_counter() - t0
-    out = p.stdout + p.stderr
+    done.set()
+    watcher.join()
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed in {cwd}:\n{out[-3000:]}")
-    return wall, final_val_loss(out), int(re.findall(r"peak RSS kB (\d+)", out)[-1]) / 1024
+    main = int(re.findall(r"peak RSS kB (\d+)", out)[-1])
+    return wall, final_val_loss(out), (main + sum(peaks.values())) / 1024
 
 
 def whole_main(args, argv):
@@ -371,6 +430,8 @@ def main(argv=None):
                 steppers[n]()
                 times[n].append(time.perf_counter() - t0)
     med = {n: 1e3 * float(np.median(times[n])) for n in names}
+    for n in names:
+        steppers[n].close()
     mem = {}
     if args.mem_steps:
         for n in names:

@@ -3,8 +3,9 @@
 One step at iteration `it`:
     x, y = get_batch(train, rng)                      (B, T) tokens and their next tokens
     loss, grads = forward and backward: model.forward_backward, or with the fast ops
-                  the batch split over `threads` CPU threads whose gradients add up
-                  (fast/parallel.py); --reference runs the readable ops on one thread
+                  the batch split into `threads` parts whose gradients add up, one on
+                  this process and each other in a worker process (fast/parallel.py,
+                  fast/workers.py); --reference runs the readable ops on one thread
     clip_grad_norm(grads, grad_clip)
     AdamW.step(params, grads, lr_at(it))              warmup, then cosine to min_lr
 
@@ -32,6 +33,7 @@ import numpy as np
 
 from . import backend, model, sft
 from .fast import FAST, parallel
+from .fast.workers import Workers
 from .fast.runtime import retain_freed_memory
 from .checkpoint import check_params, load_checkpoint, save_checkpoint
 from .data import check_split_lengths, get_batch, load_text, split_ids, tokenizer_from_dict, train_tokenizer
@@ -71,8 +73,9 @@ class TrainConfig:
     eval_iters: int = option(20, "batches per split when estimating the loss")
     seed: int = option(1337, "seed for the weights and the batches")
     device: str = option("cpu", "'cpu' (NumPy) or 'gpu' (CuPy)")
-    threads: int = option(0, "CPU threads, each training its share of the batch's sequences "
-                             "(fast/parallel.py); 0 = one per core up to 20M parameters, else 1")
+    threads: int = option(0, "CPU cores, each training its share of the batch's sequences, the first in "
+                             "this process and each other in a worker process (fast/workers.py); "
+                             "0 = one per core up to 20M parameters, else 1")
     reference: bool = option(False, "run the readable reference ops on one thread, none of minisparse/fast/ "
                                     "(slower; to step through a training step in a debugger)")
     init_from: str = option("", "continue-training: start from the weights of the run in this out_dir, or "
@@ -157,11 +160,12 @@ def load_run(out_dir):
     return params, opt_state, cfg, tok, meta
 
 
-def estimate_loss(params, cfg, data, tc, it, ops=model.REFERENCE, threads=None):
+def estimate_loss(params, cfg, data, tc, it, ops=model.REFERENCE, threads=None, workers=None):
     """Mean loss over eval_iters batches of each split, drawn from a generator seeded by (seed, it),
     and the sparsity measured on them: {"train": loss, "val": loss, "train_sparsity": {site: zeros}, ...}.
     threads None: the readable forward (model.forward_loss); a count: fast/parallel.py's forward,
-    which keeps no caches and splits the batch over that many threads (the same numbers)."""
+    which keeps no caches and splits the batch over that many threads; workers: the same forward
+    with the parts in worker processes (fast/workers.py). All give the same numbers."""
     out = {}
     for split, ids in data.items():
         rng = np.random.default_rng([tc.seed, it, 0 if split == "train" else 1])
@@ -169,7 +173,9 @@ def estimate_loss(params, cfg, data, tc, it, ops=model.REFERENCE, threads=None):
         for _ in range(tc.eval_iters):
             x, y = get_batch(ids, cfg.block_size, tc.batch_size, rng)
             x, y = backend.asarray(x), backend.asarray(y)
-            if threads is None:
+            if workers is not None:
+                loss, per_layer = workers.forward_loss(params, cfg, x, y, ops)
+            elif threads is None:
                 loss, per_layer = model.forward_loss(params, cfg, x, y, ops)
             else:
                 loss, per_layer = parallel.forward_loss(params, cfg, x, y, ops, threads)
@@ -229,6 +235,15 @@ def _read_metrics(path, before_iter):
             except (ValueError, KeyError):
                 break                       # a torn last line from a kill: drop it and what follows
     return kept
+
+
+def start_workers(params, cfg, threads, tc):
+    """The worker processes that run the parts of each batch after the first (fast/workers.py), or
+    None where the batch is not split: one part, the reference ops, or the GPU. params move into
+    shared memory."""
+    if threads > 1 and not tc.reference and tc.device == "cpu":
+        return Workers(params, cfg, threads)
+    return None
 
 
 def train(tc, given=(), progress=True, log=print):
@@ -368,12 +383,13 @@ def train(tc, given=(), progress=True, log=print):
     last_saved, last = start_iter, {}
     tok_per_s, stopped, per_layer = None, False, None
     seen = {"tokens": 0, "response_tokens": 0}
+    workers = start_workers(params, cfg, threads, tc)
     t_start = time.perf_counter()
     try:
         for it in range(start_iter, tc.max_iters + 1):
             if it % tc.eval_interval == 0 or it == tc.max_iters:
                 losses = (estimate_sft_loss(params, cfg, data, tc, ops) if tc.sft else
-                          estimate_loss(params, cfg, data, tc, it, ops, None if tc.reference else threads))
+                          estimate_loss(params, cfg, data, tc, it, ops, None if tc.reference else threads, workers))
                 if not (math.isfinite(losses["train"]) and math.isfinite(losses["val"])):
                     # never overwrite the last good checkpoint with broken weights
                     raise _diverged("evaluation loss", losses["val"], it, last_saved, path)
@@ -396,6 +412,8 @@ def train(tc, given=(), progress=True, log=print):
             x, y = backend.asarray(x), backend.asarray(y)
             if tc.reference:
                 loss, grads, per_layer = model.forward_backward(params, cfg, x, y)
+            elif workers is not None:
+                loss, grads, per_layer = workers.forward_backward(params, cfg, x, y, ops)
             else:
                 loss, grads, per_layer = parallel.forward_backward(params, cfg, x, y, ops, threads)
             if not math.isfinite(loss):
@@ -429,6 +447,8 @@ def train(tc, given=(), progress=True, log=print):
                 break
     finally:
         signal.signal(signal.SIGINT, old_handler)
+        if workers is not None:
+            workers.close()
         if bar:
             bar.close()
         metrics.close()

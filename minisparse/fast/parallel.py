@@ -86,17 +86,33 @@ def forward_backward(params, cfg, x, y, ops=model.REFERENCE, threads=1):
     limit = blas_threads(1) if len(parts) > 1 else None
     if limit is None:
         return model.forward_backward(params, cfg, x, y, ops)
+    weights = part_weights(y, parts)
 
-    counted = (y != IGNORE).sum(axis=1)                    # (B,) counted tokens of each sequence
-    N = int(counted.sum())
-
-    def run(part):
-        w = int(counted[part].sum()) / N if N else 0.0     # N_p / N, by counted tokens
-        loss, grads, zeros = model.forward_backward(params, cfg, x[part], y[part], ops, dloss=w)
-        return w * loss, grads, (part.stop - part.start) / B, zeros
+    def run(i):
+        return part_step(params, cfg, x, y, parts[i], weights[i], ops)
 
     with limit:
-        results = list(_pool(len(parts)).map(run, parts))
+        results = list(_pool(len(parts)).map(run, range(len(parts))))
+    return combine_steps(cfg, results)
+
+
+def part_weights(y, parts):
+    """N_p / N for each part: its share of the batch's counted tokens (0 where nothing is counted)."""
+    counted = (y != IGNORE).sum(axis=1)                    # (B,) counted tokens of each sequence
+    N = int(counted.sum())
+    return [int(counted[part].sum()) / N if N else 0.0 for part in parts]
+
+
+def part_step(params, cfg, x, y, part, w, ops):
+    """One part's forward and backward, its loss weighted by w = N_p / N: (w * loss_p, grads of
+    w * loss_p, the part's share of the sequences, its measured sparsity)."""
+    loss, grads, zeros = model.forward_backward(params, cfg, x[part], y[part], ops, dloss=w)
+    return w * loss, grads, (part.stop - part.start) / x.shape[0], zeros
+
+
+def combine_steps(cfg, results):
+    """The whole batch's (loss, grads, measured sparsity) from the parts' part_step results, in part
+    order. The gradients are summed into the first part's arrays."""
     grads = results[0][1]
     for _, g, _, _ in results[1:]:
         for k in grads:
@@ -114,25 +130,34 @@ def forward_loss(params, cfg, x, y, ops=model.REFERENCE, threads=1):
     B, T = x.shape
     parts = split(B, threads)
     limit = blas_threads(1) if len(parts) > 1 else None
-    spec = cfg.spec
-
-    def run(part):
-        counts = {}                                        # (layer, site) -> (nonzero inputs, inputs)
-
-        def project(l, site, h):                           # the default projection, counting as it goes
-            ys, cache = sparse_linear_forward(h, [params[f"h.{l}.{n}"] for n in model.SITE_WEIGHTS[site]],
-                                              spec, ops.sparsify)
-            xs2 = cache[0]                                 # (N_p, D) the sparsified input
-            counts[l, site] = (int(array_module(xs2).count_nonzero(xs2 != 0)), xs2.size)
-            return ys
-        logits, _, _ = model.forward(params, cfg, x[part], None, ops, project=project, keep_caches=False)
-        return logits, counts                              # (B_p, T, V)
-
     if limit is None:
-        results = [run(slice(0, B))]
+        results = [part_forward(params, cfg, x, ops)]
     else:
         with limit:
-            results = list(_pool(len(parts)).map(run, parts))
+            results = list(_pool(len(parts)).map(lambda part: part_forward(params, cfg, x[part], ops), parts))
+    return combine_forwards(cfg, results, y)
+
+
+def part_forward(params, cfg, x, ops):
+    """One part's evaluation forward, keeping no caches: its logits (B_p, T, V) and, per (layer, site),
+    (nonzero projection inputs, inputs)."""
+    spec = cfg.spec
+    counts = {}
+
+    def project(l, site, h):                               # the default projection, counting as it goes
+        ys, cache = sparse_linear_forward(h, [params[f"h.{l}.{n}"] for n in model.SITE_WEIGHTS[site]],
+                                          spec, ops.sparsify)
+        xs2 = cache[0]                                     # (N_p, D) the sparsified input
+        counts[l, site] = (int(array_module(xs2).count_nonzero(xs2 != 0)), xs2.size)
+        return ys
+    logits, _, _ = model.forward(params, cfg, x, None, ops, project=project, keep_caches=False)
+    return logits, counts
+
+
+def combine_forwards(cfg, results, y):
+    """(loss, measured sparsity) of the whole batch from the parts' part_forward results, in part
+    order: the loss computed once over all the logits, as the reference computes it."""
+    B, T = y.shape
     logits = array_module(results[0][0]).concatenate([r[0] for r in results])      # (B, T, V)
     loss, _ = cross_entropy_forward(logits.reshape(B * T, -1), y.reshape(-1))
     zeros = {}
