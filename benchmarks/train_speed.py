@@ -74,7 +74,7 @@ def minisparse_stepper(sparsity, device, seed=0, threads=0, processes=True):
     sync = _sync(device)
     threads = 1 if device == "gpu" else (threads or parallel.auto_threads(sum(int(p.size) for p in params.values())))
 
-    workers = Workers(params, cfg, threads) if processes and threads > 1 and device == "cpu" else None
+    workers = Workers(params, cfg, threads, opt) if processes and threads > 1 and device == "cpu" else None
 
     def step():
         idx = rng.integers(0, cfg.vocab_size, (BATCH, cfg.block_size + 1))
@@ -84,7 +84,10 @@ def minisparse_stepper(sparsity, device, seed=0, threads=0, processes=True):
         else:
             _, grads, _ = parallel.forward_backward(params, cfg, x, y, FAST, threads)
         clip_grad_norm(grads, 1.0)
-        opt.step(params, grads, 1e-3)
+        if workers is not None:
+            workers.optimizer_step(opt, params, grads, 1e-3)
+        else:
+            opt.step(params, grads, 1e-3)
         sync()
     step.close = workers.close if workers is not None else (lambda: None)
     return step

@@ -30,20 +30,23 @@ class AdamW:
     def step(self, params, grads, lr=None):
         """Update `params` in place from `grads`; `lr` overrides the stored rate (for a schedule)."""
         lr = self.lr if lr is None else lr
-        b1, b2 = self.betas
         self.t += 1
+        for k in params:
+            self.update(k, params[k], grads[k], lr)
+
+    def update(self, k, p, g, lr):
+        """One parameter's step t (self.t, already counted): p, m and v in place."""
+        b1, b2 = self.betas
         c1 = 1.0 - b1 ** self.t                                 # bias corrections
         c2 = 1.0 - b2 ** self.t
-        for k, p in params.items():
-            g = grads[k]
-            m, v = self.m[k], self.v[k]
-            m *= b1
-            m += (1 - b1) * g
-            v *= b2
-            v += (1 - b2) * (g * g)
-            if self.weight_decay and not is_norm(k):
-                p -= (lr * self.weight_decay) * p               # decoupled: not through m and v
-            p -= (lr / c1) * m / (array_module(v).sqrt(v / c2) + self.eps)
+        m, v = self.m[k], self.v[k]
+        m *= b1
+        m += (1 - b1) * g
+        v *= b2
+        v += (1 - b2) * (g * g)
+        if self.weight_decay and not is_norm(k):
+            p -= (lr * self.weight_decay) * p                   # decoupled: not through m and v
+        p -= (lr / c1) * m / (array_module(v).sqrt(v / c2) + self.eps)
 
     def state_dict(self):
         """Arrays and scalars to save with a checkpoint."""

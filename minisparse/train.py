@@ -237,12 +237,12 @@ def _read_metrics(path, before_iter):
     return kept
 
 
-def start_workers(params, cfg, threads, tc):
-    """The worker processes that run the parts of each batch after the first (fast/workers.py), or
-    None where the batch is not split: one part, the reference ops, or the GPU. params move into
-    shared memory."""
+def start_workers(params, cfg, threads, tc, opt):
+    """The worker processes that run the parts of each batch after the first, and share the
+    optimizer's step (fast/workers.py), or None where the batch is not split: one part, the
+    reference ops, or the GPU. params and opt's moments move into shared memory."""
     if threads > 1 and not tc.reference and tc.device == "cpu":
-        return Workers(params, cfg, threads)
+        return Workers(params, cfg, threads, opt)
     return None
 
 
@@ -383,7 +383,7 @@ def train(tc, given=(), progress=True, log=print):
     last_saved, last = start_iter, {}
     tok_per_s, stopped, per_layer = None, False, None
     seen = {"tokens": 0, "response_tokens": 0}
-    workers = start_workers(params, cfg, threads, tc)
+    workers = start_workers(params, cfg, threads, tc, opt)
     t_start = time.perf_counter()
     try:
         for it in range(start_iter, tc.max_iters + 1):
@@ -422,7 +422,10 @@ def train(tc, given=(), progress=True, log=print):
             if not math.isfinite(norm):
                 raise _diverged("gradient norm", norm, it, last_saved, path)
             lr = lr_at(it, tc.learning_rate, tc.min_lr, tc.warmup_iters, tc.max_iters)
-            opt.step(params, grads, lr)
+            if workers is not None:
+                workers.optimizer_step(opt, params, grads, lr)
+            else:
+                opt.step(params, grads, lr)
             # free this step's gradients now: kept until the next step replaced them, two sets
             # would be alive at once (for SmolLM2 the gradients alone are 0.5 GB)
             del grads

@@ -173,3 +173,42 @@ def test_a_failure_in_this_process_leaves_no_reply_behind():
             w.forward_loss(params, cfg, bad, y)
         assert_same_step(w.forward_backward(params, cfg, x, y),
                          parallel.forward_backward({k: v.copy() for k, v in params.items()}, cfg, x, y, FAST, 2))
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+def test_the_optimizers_step_shared_between_the_processes_equals_adamw(parts):
+    """Each process updates its group of parameters with AdamW.update: after steps with clipping
+    (which scales the shared gradients in place), the weights and the moments are AdamW's, bit for
+    bit, and so is a checkpoint's optimizer state."""
+    from minisparse.optimizer import clip_grad_norm
+    cfg, params, x, y = setup(0.5)
+    copy = {k: v.copy() for k, v in params.items()}
+    opt, opt_ref = AdamW(params, weight_decay=0.1), AdamW(copy, weight_decay=0.1)
+    with Workers(params, cfg, parts, opt) as w:
+        assert sorted(k for g in w.groups for k in g) == sorted(params) and all(w.groups)
+        for it in range(3):
+            _, grads, _ = w.forward_backward(params, cfg, x, y)
+            assert all(grads[k] is w.sum[k] for k in grads)         # shared, for the workers to read
+            clip_grad_norm(grads, 0.05)
+            w.optimizer_step(opt, params, grads, 1e-2 * (it + 1))
+            _, grads_ref, _ = parallel.forward_backward(copy, cfg, x, y, FAST, parts)
+            clip_grad_norm(grads_ref, 0.05)
+            opt_ref.step(copy, grads_ref, 1e-2 * (it + 1))
+        assert opt.t == opt_ref.t == 3
+        for k in params:
+            assert np.array_equal(params[k], copy[k]), k
+            assert np.array_equal(opt.m[k], opt_ref.m[k]) and np.array_equal(opt.v[k], opt_ref.v[k]), k
+        other = {k: g.copy() for k, g in grads.items()}          # not the shared gradients: done here
+        w.optimizer_step(opt, params, other, 1e-2)
+        opt_ref.step(copy, other, 1e-2)
+        assert all(np.array_equal(params[k], copy[k]) for k in params)
+    for arrays in (params, opt.m, opt.v):                          # plain arrays again after close
+        assert all(a.flags.owndata for a in arrays.values())
+    assert all(np.array_equal(opt.m[k], opt_ref.m[k]) for k in params)
+
+
+def test_deal_balances_sizes():
+    from minisparse.fast.workers import deal
+    assert deal([5, 1, 1, 1, 1, 1], 2) == [[0], [1, 2, 3, 4, 5]]
+    assert deal([3, 3, 2, 2], 2) == [[0, 2], [1, 3]]
+    assert deal([1], 3) == [[0], [], []]

@@ -8,6 +8,7 @@ to the function it replaces. The programs use them; a reader can leave them out 
     norm.py                RMSNorm with fused reductions                              (norm.py)
     embedding.py           the embedding's scatter-add by sorting                     (embedding.py)
     parallel.py            a training step's batch split over CPU threads   (model.forward_backward)
+    workers.py             the same split, every part but the first in a worker process  (parallel.py)
     rowsparse.py, .cu      row-sparse kernels: chunked NumPy, numba, CUDA             (rowsparse.py)
     ternary.py             the 2-bit packed ternary product, numba   (ternary.ternary_rows_matvec, _sparse_matvec)
     decode.py              DecodeWeights: which projections decode row-sparse, and how (decode.py)

@@ -110,11 +110,19 @@ def part_step(params, cfg, x, y, part, w, ops):
     return w * loss, grads, (part.stop - part.start) / x.shape[0], zeros
 
 
-def combine_steps(cfg, results):
+def combine_steps(cfg, results, into=None):
     """The whole batch's (loss, grads, measured sparsity) from the parts' part_step results, in part
-    order. The gradients are summed into the first part's arrays."""
-    grads = results[0][1]
-    for _, g, _, _ in results[1:]:
+    order. The gradients are summed into the first part's arrays, or into `into`, a dict of arrays
+    shaped like them (the same sums, written there)."""
+    grads, rest = results[0][1], results[1:]
+    if into is not None:
+        for k in grads:
+            if rest:
+                array_module(grads[k]).add(grads[k], rest[0][1][k], out=into[k])
+            else:
+                into[k][...] = grads[k]
+        grads, rest = into, rest[1:]
+    for _, g, _, _ in rest:
         for k in grads:
             grads[k] += g[k]
     zeros = {l: {site: sum(w * z[l][site] for _, _, w, z in results) for site in model.SITES}
