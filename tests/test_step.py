@@ -10,7 +10,7 @@ numba = pytest.importorskip("numba")
 from minisparse import decode, model  # noqa: E402
 from minisparse.errors import UsageError  # noqa: E402
 from minisparse.evaluate import Plan  # noqa: E402
-from minisparse.fast import step as fast_step  # noqa: E402
+from minisparse.fast import rowsparse as fast_rowsparse, step as fast_step  # noqa: E402
 from minisparse.fast.decode import DecodeWeights, decode_weights  # noqa: E402
 from minisparse.fast.topk import topk_nonzero  # noqa: E402
 from minisparse.linear import SparseSpec  # noqa: E402
@@ -170,9 +170,10 @@ def test_generate_with_the_step_equals_the_reference():
 
 
 def test_decode_weights_serve_dense_only_through_the_step():
-    """decode_weights (what generate.py and evaluate.py decode with): a sparse spec always gets them;
-    a dense one only where the compiled step decodes it, one token a call on the CPU; else None, and
-    the plain product runs with BLAS on its threads. DecodeWeights.serves says the same."""
+    """decode_weights (what generate.py and evaluate.py decode with): a sparse spec gets them;
+    a dense one only where the compiled step decodes it, one token a call on the CPU; none for calls
+    of more tokens than the row-sparse products take; else None, and the plain product runs with
+    BLAS on its threads. DecodeWeights.serves says the same."""
     cfg = model.GPTConfig(vocab_size=97, block_size=24, n_layer=1, **TINY)
     dense, sparse = SparseSpec(0.0), SparseSpec(0.5)
     fast = decode_weights(model.init_params(cfg), cfg, dense)
@@ -183,6 +184,10 @@ def test_decode_weights_serve_dense_only_through_the_step():
     assert decode_weights(model.init_params(cfg), cfg, sparse, rows=2) is not None
     plan = Plan({(0, site): dense for site in ("qkv", "o", "up_gate", "down")}, "dense plan")
     assert decode_weights(model.init_params(cfg), cfg, plan, rows=2) is not None      # a plan: always
+    many = fast_rowsparse.auto_max_rows(np) + 1                 # every call masked: nothing reads them
+    for s in (sparse, plan):
+        assert decode_weights(model.init_params(cfg), cfg, s, rows=many - 1) is not None
+        assert decode_weights(model.init_params(cfg), cfg, s, rows=many) is None
     q = model.GPTConfig(vocab_size=97, block_size=24, n_layer=1, a_bits=8, w_bits=1.58, **TINY)
     assert decode_weights(model.init_params(q), q, q.spec_at(0.0)) is None             # no step for 1.58 bits
     fast_q = decode_weights(model.init_params(q), q, q.spec_at(0.5))

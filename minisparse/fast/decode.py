@@ -43,10 +43,12 @@ from .topk import sparsify as fast_sparsify
 
 def decode_weights(params, cfg, spec, kernel="auto", rows=1):
     """The DecodeWeights a decode of `spec` (a SparseSpec, or a plan) with calls of `rows` tokens
-    reads, or None where nothing would read them: kernel 'masked', or a dense spec that the compiled
-    step does not serve (several tokens a call, the GPU, no numba, INT8 or 1.58-bit), which the
-    plain product decodes as well without them."""
-    if kernel == "masked":
+    reads, or None where nothing would read them: kernel 'masked'; calls of more tokens than
+    fast.rowsparse.auto_max_rows, which every projection multiplies masked (a large batch: without
+    DecodeWeights, BLAS also keeps its threads, where quiet() would hold it at one); or a dense
+    spec that the compiled step does not serve (several tokens a call, the GPU, no numba, INT8 or
+    1.58-bit), which the plain product decodes as well without them."""
+    if kernel == "masked" or rows > fast_rowsparse.auto_max_rows(array_module(params["wte"])):
         return None
     if isinstance(spec, SparseSpec) and spec.dense and not (
             rows == 1 and fast_step.applies(cfg, spec, kernel, array_module(params["wte"]))):
