@@ -33,7 +33,7 @@ import numpy as np
 
 from . import backend, model, sft
 from .fast import FAST, parallel
-from .fast.workers import Workers
+from .fast.workers import Workers, shared_bytes, shared_memory_free
 from .fast.runtime import retain_freed_memory
 from .checkpoint import check_params, load_checkpoint, save_checkpoint
 from .data import check_split_lengths, get_batch, load_text, split_ids, tokenizer_from_dict, train_tokenizer
@@ -237,13 +237,21 @@ def _read_metrics(path, before_iter):
     return kept
 
 
-def start_workers(params, cfg, threads, tc, opt):
+def start_workers(params, cfg, threads, tc, opt, log=print):
     """The worker processes that run the parts of each batch after the first, and share the
-    optimizer's step (fast/workers.py), or None where the batch is not split: one part, the
-    reference ops, or the GPU. params and opt's moments move into shared memory."""
-    if threads > 1 and not tc.reference and tc.device == "cpu":
-        return Workers(params, cfg, threads, opt)
-    return None
+    optimizer's step (fast/workers.py), or None where the batch is not split over processes: one
+    part, the reference ops, or the GPU; or too little shared memory, where the parts run as threads
+    (fast/parallel.py, the same numbers) and `log` says so. params and opt's moments move into
+    shared memory."""
+    if threads == 1 or tc.reference or tc.device != "cpu":
+        return None
+    need, free = shared_bytes(params, threads, opt), shared_memory_free()
+    if free is not None and need > free:
+        log(f"note: the worker processes would need {need / 2**20:.0f} MB of shared memory and /dev/shm has "
+            f"{free / 2**20:.0f} MB free, so the {threads} parts of each batch run as threads instead (slower, "
+            "the same numbers); a container can be given more with docker run --shm-size.")
+        return None
+    return Workers(params, cfg, threads, opt)
 
 
 def train(tc, given=(), progress=True, log=print):
@@ -383,7 +391,7 @@ def train(tc, given=(), progress=True, log=print):
     last_saved, last = start_iter, {}
     tok_per_s, stopped, per_layer = None, False, None
     seen = {"tokens": 0, "response_tokens": 0}
-    workers = start_workers(params, cfg, threads, tc, opt)
+    workers = start_workers(params, cfg, threads, tc, opt, log=bar.write if bar else log)
     t_start = time.perf_counter()
     try:
         for it in range(start_iter, tc.max_iters + 1):

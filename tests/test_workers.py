@@ -136,28 +136,43 @@ def test_a_script_that_trains_at_its_top_level_runs_once(tmp_path):
 
 
 def test_training_with_workers_writes_the_metrics_of_training_with_threads(tmp_path, monkeypatch):
-    """train.py's run, its parts in worker processes, against the same run with the threads of
-    fast/parallel.py: every line of metrics.jsonl equal but the speed, the checkpoints equal."""
+    """train.py's run, its parts in worker processes, against the same run where /dev/shm has no
+    room for them, so the parts run as fast/parallel.py's threads (and the log says why): every line
+    of metrics.jsonl equal but the speed, the checkpoints equal."""
     from minisparse.checkpoint import load_checkpoint
     from minisparse.train import TrainConfig, train
 
-    def run(out, workers):
-        if not workers:
-            monkeypatch.setattr(train_mod, "start_workers", lambda *a: None)
+    def run(out, free):
+        started, said = [], []
+        start = train_mod.start_workers
+        monkeypatch.setattr(train_mod, "shared_memory_free", lambda: free)
+        monkeypatch.setattr(train_mod, "start_workers", lambda *a, **k: started.append(start(*a, **k)) or started[-1])
         cfg = model.GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=4, n_embd=16, n_hidden=32, sparsity=0.5)
         tc = TrainConfig(model=cfg, data="pydoc", out_dir=str(out), batch_size=4, max_iters=12,
                          eval_interval=6, eval_iters=2, threads=2, tokenizer="char")
-        train(tc, progress=False, log=lambda *a: None)
+        train(tc, progress=False, log=said.append)
         lines = [json.loads(l) for l in open(out / "metrics.jsonl")]
         for line in lines:
             line.pop("tokens_per_s", None)
-        return lines, load_checkpoint(str(out / "ckpt.npz"))[0]
+        return lines, load_checkpoint(str(out / "ckpt.npz"))[0], started[0], said
 
-    got, got_params = run(tmp_path / "workers", True)
-    ref, ref_params = run(tmp_path / "threads", False)
+    got, got_params, workers, said = run(tmp_path / "workers", None)
+    assert isinstance(workers, Workers) and not any("shared memory" in s for s in said)
+    ref, ref_params, threads, said = run(tmp_path / "threads", 1000)
+    assert threads is None and any("would need" in s and "/dev/shm has 0 MB free" in s and "run as threads" in s for s in said)
     assert len(got) == 12 + 3 and got == ref
     for k in ref_params:
         assert np.array_equal(got_params[k], ref_params[k]), k
+
+
+def test_shared_bytes_counts_every_block():
+    from minisparse.fast.workers import shared_bytes
+    cfg, params, _, _ = setup()
+    n = sum(a.nbytes for a in params.values())
+    assert shared_bytes(params, 2) == 3 * n                        # params, the sum, one worker's grads
+    assert shared_bytes(params, 3, AdamW(params)) == 6 * n         # two workers' grads, m and v
+    with Workers(params, cfg, 3, AdamW(params)) as w:
+        assert sum(b.size for b in w.blocks) >= 6 * n
 
 
 def test_a_failure_in_this_process_leaves_no_reply_behind():

@@ -123,6 +123,25 @@ def _main_hidden():
         sys.modules["__main__"] = main
 
 
+def shared_bytes(params, parts, opt=None):
+    """The bytes of shared memory Workers(params, cfg, parts, opt) maps: the parameters, their summed
+    gradients, each worker's gradients and, with an optimizer, its two moments."""
+    blocks = 2 + (parts - 1) + (2 if opt is not None else 0)
+    return blocks * sum(int(a.nbytes) for a in params.values())
+
+
+def shared_memory_free(path="/dev/shm"):
+    """The bytes free where Linux keeps shared memory, or None where that is not known (another
+    system, or no such folder). A container often gives it only 64 MB, and a process that writes
+    past it is killed (SIGBUS), so the room is checked before the blocks are made."""
+    import os
+    try:
+        st = os.statvfs(path)
+    except (OSError, AttributeError):
+        return None
+    return st.f_bavail * st.f_frsize
+
+
 class Workers:
     """parts - 1 worker processes for the parts after the first; see the module's docstring."""
 
