@@ -91,8 +91,8 @@ assert abs(by_hand - float(loss)) < 1e-12 and not dlogits[~counted].any()
 # So a prompt token's target has no path into any gradient: the model is never taught to write
 # the question. Padding comes after every real token, so causal attention never lets a real
 # token see it, and its targets are `IGNORE` as well (tests/test_sft.py checks that a padded
-# example gives what it gives alone). With the batch split over threads, each part's mean is
-# weighted by its counted tokens, not by its sequences (`minisparse/fast/parallel.py`).
+# example gives what it gives alone). With the batch split into parts (one per core), each part's
+# mean is weighted by its counted tokens, not by its sequences (`minisparse/fast/parallel.py`).
 #
 # ## 2. Why finetuning with top-K recovers what training-free top-K loses
 #
