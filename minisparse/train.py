@@ -391,9 +391,11 @@ def train(tc, given=(), progress=True, log=print):
     last_saved, last = start_iter, {}
     tok_per_s, stopped, per_layer = None, False, None
     seen = {"tokens": 0, "response_tokens": 0}
-    workers = start_workers(params, cfg, threads, tc, opt, log=bar.write if bar else log)
+    workers = None
     t_start = time.perf_counter()
     try:
+        # inside the try: if they cannot start, the finally below still restores Ctrl-C and closes
+        workers = start_workers(params, cfg, threads, tc, opt, log=bar.write if bar else log)
         for it in range(start_iter, tc.max_iters + 1):
             if it % tc.eval_interval == 0 or it == tc.max_iters:
                 losses = (estimate_sft_loss(params, cfg, data, tc, ops) if tc.sft else

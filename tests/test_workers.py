@@ -227,3 +227,21 @@ def test_deal_balances_sizes():
     assert deal([5, 1, 1, 1, 1, 1], 2) == [[0], [1, 2, 3, 4, 5]]
     assert deal([3, 3, 2, 2], 2) == [[0, 2], [1, 3]]
     assert deal([1], 3) == [[0], [], []]
+
+
+def test_training_whose_workers_cannot_start_restores_ctrl_c(tmp_path, monkeypatch):
+    """Workers fail to start (say, no shared memory): train() raises that error, and its Ctrl-C
+    handler is gone again, as after any other failure inside the run."""
+    import signal
+    from minisparse.train import TrainConfig, train
+
+    def fail(*a, **k):
+        raise OSError("no shared memory here")
+    monkeypatch.setattr(train_mod, "Workers", fail)
+    before = signal.getsignal(signal.SIGINT)
+    cfg = model.GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8, n_hidden=16)
+    tc = TrainConfig(model=cfg, data="pydoc", out_dir=str(tmp_path / "run"), batch_size=4, max_iters=2,
+                     eval_interval=2, eval_iters=1, threads=2, tokenizer="char")
+    with pytest.raises(OSError, match="no shared memory"):
+        train(tc, progress=False, log=lambda *a: None)
+    assert signal.getsignal(signal.SIGINT) is before

@@ -48,10 +48,11 @@ def decode_weights(params, cfg, spec, kernel="auto", rows=1):
     DecodeWeights, BLAS also keeps its threads, where quiet() would hold it at one); or a dense
     spec that the compiled step does not serve (several tokens a call, the GPU, no numba, INT8 or
     1.58-bit), which the plain product decodes as well without them."""
-    if kernel == "masked" or rows > fast_rowsparse.auto_max_rows(array_module(params["wte"])):
+    xp = array_module(params["wte"])
+    if kernel == "masked" or rows > fast_rowsparse.auto_max_rows(xp):
         return None
     if isinstance(spec, SparseSpec) and spec.dense and not (
-            rows == 1 and fast_step.applies(cfg, spec, kernel, array_module(params["wte"]))):
+            rows == 1 and fast_step.applies(cfg, spec, kernel, xp)):
         return None
     return DecodeWeights(params, cfg, kernel)
 

@@ -123,11 +123,16 @@ def _main_hidden():
         sys.modules["__main__"] = main
 
 
+def shared_blocks(parts, opt=None):
+    """What Workers(params, cfg, parts, opt) keeps in shared memory, one block each, every block as
+    large as the parameters: the parameters, their summed gradients, with an optimizer its two
+    moments, and each worker's gradients."""
+    return ["params", "sum"] + (["m", "v"] if opt is not None else []) + [f"grads {i}" for i in range(1, parts)]
+
+
 def shared_bytes(params, parts, opt=None):
-    """The bytes of shared memory Workers(params, cfg, parts, opt) maps: the parameters, their summed
-    gradients, each worker's gradients and, with an optimizer, its two moments."""
-    blocks = 2 + (parts - 1) + (2 if opt is not None else 0)
-    return blocks * sum(int(a.nbytes) for a in params.values())
+    """The bytes of shared memory Workers(params, cfg, parts, opt) maps."""
+    return len(shared_blocks(parts, opt)) * sum(int(a.nbytes) for a in params.values())
 
 
 def shared_memory_free(path="/dev/shm"):
@@ -158,12 +163,13 @@ class Workers:
         self.blocks, self.conns, self.procs, self.grads = [], [], [], []
         nbytes = max(1, n * np.dtype(self.dtype).itemsize)
         try:
-            shared = {}                                       # the arrays every process maps
-            for what in ("params", "sum") + (("m", "v") if opt is not None else ()):
+            shared = {}                                       # the blocks every process maps, by name
+            for what in shared_blocks(parts, opt):
                 self.blocks.append(shared_memory.SharedMemory(create=True, size=nbytes))
                 shared[what] = self.blocks[-1]
             self._move(params, shared["params"])              # the same values, in shared memory now
             self.sum = _views(shared["sum"], self.layout, self.dtype)
+            self.grads = [_views(shared[f"grads {i}"], self.layout, self.dtype) for i in range(1, parts)]
             names = list(params)
             self.groups = [[names[i] for i in g] for g in deal([params[k].size for k in names], parts)]
             adam = None
@@ -172,13 +178,12 @@ class Workers:
                 self._move(opt.v, shared["v"])
                 adam = (opt.betas, opt.eps, opt.weight_decay)
             ctx = multiprocessing.get_context("spawn")        # no fork of a process with threads
-            for i in range(parts - 1):
-                self.blocks.append(shared_memory.SharedMemory(create=True, size=nbytes))
-                self.grads.append(_views(self.blocks[-1], self.layout, self.dtype))
-                block_names = {what: b.name for what, b in shared.items()} | {"grads": self.blocks[-1].name}
+            for i in range(1, parts):
+                block_names = {what: shared[what].name for what in ("params", "sum", "m", "v") if what in shared}
+                block_names["grads"] = shared[f"grads {i}"].name
                 here, there = ctx.Pipe()
                 p = ctx.Process(target=_serve, args=(there, cfg, self.layout, self.dtype, block_names, adam,
-                                                     self.groups[i + 1]), daemon=True, name="minisparse-worker")
+                                                     self.groups[i]), daemon=True, name="minisparse-worker")
                 with _main_hidden():
                     p.start()
                 there.close()
