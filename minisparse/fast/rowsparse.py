@@ -31,6 +31,7 @@ import numpy as np
 from ..backend import array_module
 from ..rowsparse import rows_matvec as rows_matvec_gather
 from ..rowsparse import union_rows_matmul as union_rows_matmul_gather
+from .jit import njit
 from .runtime import blas_threads
 from .topk import topk_nonzero
 
@@ -59,7 +60,7 @@ def rows_matvec_chunked(vals, idx, Wt, chunk=32):
 
 
 if numba is not None:
-    @numba.njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
+    @njit(parallel=True, fastmath=True, error_model="numpy")
     def _numba_rows_matvec(vals, idx, Wt, y, tile):
         # Threads take separate tiles of the outputs (no reduction between threads). In a
         # tile, 4 selected rows are added per pass: the partial sum y[j0:j1] (<= 16 KB) is read
@@ -88,7 +89,7 @@ if numba is not None:
 
 
 if numba is not None:
-    @numba.njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
+    @njit(parallel=True, fastmath=True, error_model="numpy")
     def _numba_union_matmul(vals, idx, Wt, y, tile):
         # The batched kernel: as _numba_rows_matvec, with B accumulators per output tile. Each
         # selected row segment is read from memory once and added, with each token's value, to

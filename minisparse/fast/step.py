@@ -37,6 +37,7 @@ from ..linear import SparseSpec
 from ..model import REFERENCE, SITES, head_weight, site_dims
 from ..rope import rope_tables
 from . import rowsparse as fast_rowsparse
+from .jit import njit
 
 numba = fast_rowsparse.numba             # optional, as there: absent, nothing below is compiled
 
@@ -81,7 +82,7 @@ if numba is not None:
 
     _rows_matvec = fast_rowsparse._numba_rows_matvec
 
-    @numba.njit(cache=True)
+    @njit()
     def _rmsnorm(x, g, eps, out):
         # out = x / sqrt(mean(x^2) + eps) * g  (norm.rmsnorm_forward), the sum of squares in float64
         s = 0.0
@@ -103,7 +104,7 @@ if numba is not None:
         if x.dtype == types.float64:
             return lambda x: (x.view(np.uint64), np.uint64(0x7FFFFFFFFFFFFFFF), 52)
 
-    @numba.njit(cache=True)
+    @njit()
     def _kth_largest_bits(u, mask, top, b0, block, k, hist, cand):
         """The k-th largest of u[b0:b0+block] & mask (1 <= k <= block): a radix select, 11 bits a
         digit from the top. Each digit's histogram finds the bucket that holds the k-th largest;
@@ -140,7 +141,7 @@ if numba is not None:
                 return t
             shift = max(shift - 11, 0)
 
-    @numba.njit(cache=True)
+    @njit()
     def _select(x, k, block, idx, vals):
         # the inputs read, ascending, into idx[:n] and their values into vals[:n]; returns n
         n = 0
@@ -175,7 +176,7 @@ if numba is not None:
                 rest -= tie
         return n
 
-    @numba.njit(fastmath=True, error_model="numpy", cache=True)
+    @njit(fastmath=True, error_model="numpy")
     def _rows_into(vals, idx, Wt, acc, k, k1):
         # acc = vals[k:k1] @ Wt[idx[k:k1]], whole rows, 8 per pass: acc (O floats) stays in L1/L2.
         # The 8 rows of a pass come from 8 separate eighths of the range, each walked in order, so
@@ -196,7 +197,7 @@ if numba is not None:
             for j in range(acc.shape[0]):
                 acc[j] += v * r[j]
 
-    @numba.njit(parallel=True, cache=True)
+    @njit(parallel=True)
     def _rows_matvec_split(vals, idx, Wt, y, parts):
         # y = vals @ Wt[idx] (rowsparse.rows_matvec) with the selected rows split between the
         # threads: each reads whole rows, one contiguous stream each, into its own partial sum
@@ -208,7 +209,7 @@ if numba is not None:
         for p in range(1, P):
             y += parts[p]
 
-    @numba.njit(cache=True)
+    @njit(calls_parallel=True)
     def _project(x, k, block, Wt, y, tile, idx, vals):
         # y = (x sparsified) @ Wt, reading only the selected rows; returns the rows read. tile > 0:
         # threads split the outputs in tiles (fast/rowsparse.py's kernel); -P < -1: P threads split
@@ -222,7 +223,7 @@ if numba is not None:
             _rows_matvec_split(vals[:n], idx[:n], Wt, y, np.empty((-tile, y.shape[0]), y.dtype))
         return n
 
-    @numba.njit(cache=True)
+    @njit()
     def _rope(x, n_heads, hs, cos, sin, pairs):
         # rope.rotate in place, head by head: pair i = (x1_i, x2_i) turned by its angle
         half = hs // 2
@@ -234,7 +235,7 @@ if numba is not None:
                 x[i1] = x1 * cos[i] - x2 * sin[i]
                 x[i2] = x1 * sin[i] + x2 * cos[i]
 
-    @numba.njit(fastmath={"reassoc", "contract"}, error_model="numpy", cache=True)
+    @njit(fastmath={"reassoc", "contract"}, error_model="numpy")
     def _attend(q, kc, vc, length, n_head, out):
         # attention.attention_forward for one query per head over the cache's first `length`
         # positions; query head h reads key/value head h // (n_head / n_kv_head) (model.repeat_kv).
@@ -268,7 +269,7 @@ if numba is not None:
                 for c in range(hs):
                     oh[c] += w * vj[c]
 
-    @numba.njit(cache=True)
+    @njit(calls_parallel=True)
     def _layer(x, pos, attn_norm, ffn_norm, eps, Wqkv, Wo, Wug, Wdown, kc, vc, cos, sin, pairs, n_head,
                swiglu, k, block, tiles, read):
         # one block of model.forward for one token at position pos; x (C,) is updated in place,
@@ -310,7 +311,7 @@ if numba is not None:
         read[3] = _project(m, k[3], block[3], Wdown, o, tiles[3], idx, vals)
         x += o
 
-    @numba.njit(fastmath=True, error_model="numpy", cache=True)
+    @njit(fastmath=True, error_model="numpy")
     def _head_rows(W, h, logits, r0, r1):
         # logits[r] = W[r] . h for the rows r0 .. r1-1 of W (V, C) as stored, summed in its precision
         zero = np.zeros(1, dtype=h.dtype)[0]
@@ -320,13 +321,13 @@ if numba is not None:
                 s += W[r, c] * h[c]
             logits[r] = s
 
-    @numba.njit(parallel=True, cache=True)
+    @njit(parallel=True)
     def _head_split(W, h, logits, tile):
         V = W.shape[0]
         for t in numba.prange((V + tile - 1) // tile):             # threads take separate tiles of rows
             _head_rows(W, h, logits, t * tile, min(V, (t + 1) * tile))
 
-    @numba.njit(cache=True)
+    @njit(calls_parallel=True)
     def _head(x, norm_f, eps, W, tile, logits):
         # logits = RMSNorm(x) @ W^T; tile >= V: on this thread alone (a head too small to share)
         h = np.empty_like(x)

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..nm import check_nm
 from ..quant import EPS
+from .jit import njit
 
 try:                                   # optional: pip install numba
     import numba
@@ -55,7 +56,7 @@ if numba is not None:
 
     S0, S1, S2, S3 = np.int16(0), np.int16(2), np.int16(4), np.int16(6)
 
-    @numba.njit(cache=True)
+    @njit()
     def _rows_into(qv, idx, packed, A, k0, k1):
         """A (4, Q) int32 += sum_{k0 <= k < k1} qv[k] * U[idx[k]], U the stored codes u = c + 1,
         quarter i of the row in A[i]; whole rows, four a pass, int16 sums for each block of rows."""
@@ -99,7 +100,7 @@ if numba is not None:
                 a2[j] = 0
                 a3[j] = 0
 
-    @numba.njit(parallel=True, cache=True)
+    @njit(parallel=True)
     def _ternary_rows(qv, idx, packed, acc, P):
         """acc (4 Q,) int32 = sum_k qv[k] * C[idx[k], :], for qv (K,) int16 codes; P parts of the
         rows, one a thread, each summed whole rows at a time into its own partial sums."""
@@ -119,7 +120,7 @@ if numba is not None:
                 acc[j] += flat[p, j]
         return acc
 
-    @numba.njit(cache=True)
+    @njit()
     def _quantize_kept(x, idx, c127, eps):
         """quant.quantize_activations of the kept entries x[idx] (the others are zeros, which change
         neither gamma nor their own code 0): the nonzero codes (int16), their rows, and the scale.
@@ -139,7 +140,7 @@ if numba is not None:
                 K += 1
         return codes[:K], rows[:K], scale
 
-    @numba.njit(cache=True)
+    @njit(calls_parallel=True)
     def _token(x, k, block, c127, eps, packed, col_scale, y, P):
         """One token: the kept inputs (fast.step's selection, fast.topk.topk_nonzero's rule), their
         INT8 codes, the integer sums, and y = sums * (col_scale / scale) as ternary.py computes it
