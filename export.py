@@ -16,7 +16,7 @@ import dataclasses
 import os
 import sys
 
-from minisparse import export, pretrained
+from minisparse import export, pretrained, sft
 from minisparse.errors import UsageError
 from minisparse.train import load_run
 
@@ -42,7 +42,7 @@ def run(args):
         export.check_gguf_target(args.to, args.force)
     else:
         export.check_target(args.to, args.force, None if args.init_from else args.out_dir)
-    template = None
+    template, chat = None, None
     if args.init_from:
         if not pretrained.is_pretrained_source(args.init_from):
             raise UsageError(f"--init_from {args.init_from!r} is not allowed: give 'smollm2' or a .gguf file "
@@ -52,17 +52,21 @@ def run(args):
         params, cfg, tok, template = pretrained.load_gguf(args.init_from, block_size=1 << 30)  # its own context
         source = args.init_from
     else:
-        params, _, cfg, tok, _ = load_run(args.out_dir)
+        params, _, cfg, tok, meta = load_run(args.out_dir)
         source = args.out_dir
+        chat = sft.template_of(meta)                   # a finetuned run: its end of turn and template
     if args.sparsity is not None:
         cfg = dataclasses.replace(cfg, sparsity=args.sparsity, nm=None)       # validates the value
     if args.format == "gguf":
-        path = export.export_gguf(params, cfg, tok, args.to, args.force, template)
+        if chat is not None:
+            template = export.chat_template_jinja(chat)
+        eos = chat.end_id(tok) if chat is not None and tok is not None else None
+        path = export.export_gguf(params, cfg, tok, args.to, args.force, template, eos)
         print(f"wrote {path}: GGUF llama, n_layer {cfg.n_layer}, n_embd {cfg.n_embd}, vocab_size "
               f"{cfg.vocab_size}, float32, dense (Q-Sparse settings under minisparse.qsparse)")
         return
     path = export.export_hf(params, cfg, tok, args.to, args.force,
-                            None if args.init_from else args.out_dir, source)
+                            None if args.init_from else args.out_dir, source, chat)
     s = export.qsparse_settings(cfg)
     print(f"wrote {path}: LlamaForCausalLM, n_layer {cfg.n_layer}, n_embd {cfg.n_embd}, vocab_size "
           f"{cfg.vocab_size}; qsparse sparsity {cfg.overall_sparsity:.2f}, kept per site "

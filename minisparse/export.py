@@ -3,7 +3,10 @@ LlamaForCausalLM loads, with the Q-Sparse settings beside it.
 
     model.safetensors     every weight, float32, under Hugging Face's names (below)
     config.json           LlamaConfig's fields, plus "qsparse": the sparsity settings
-    tokenizer.json        the run's tokenizer, for AutoTokenizer (tokenizer_config.json names its class)
+    tokenizer.json        the run's tokenizer, for AutoTokenizer (tokenizer_config.json names its class),
+                          every id of the model: a finetuned run's chat markers too
+    generation_config.json  for a finetuned run: its end-of-turn marker as eos_token_id (config.json too),
+                          and tokenizer_config.json its chat template (chat_template_jinja)
 
 Our parameters and Hugging Face's Llama are the same computation, name for name:
 
@@ -172,15 +175,36 @@ def write_safetensors(path, tensors, metadata=None):
 
 
 def hf_tokenizer_json(tok):
-    """The tokenizer as a `tokenizers` JSON string: a BPE run's own; a char run's one token per
-    character (WordLevel over single characters, decoded by joining them)."""
+    """The tokenizer as a `tokenizers` JSON string: a BPE run's own (its added tokens included); a
+    char run's one token per character (WordLevel over single characters, decoded by joining them),
+    then its added tokens (a finetuned run's chat markers), so that every id of the model has one."""
     if tok.kind == "bpe":
         return tok.tok.to_str()
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    t = Tokenizer(models.WordLevel(vocab={c: i for i, c in enumerate(tok.chars)}, unk_token=None))
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    vocab = {c: i for i, c in enumerate(tok.chars)}
+    vocab.update({t: len(tok.chars) + i for i, t in enumerate(tok.specials)})     # sft.py's chat markers
+    t = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
     t.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")   # every character alone
     t.decoder = decoders.Fuse()                                                      # joined without spaces
+    # matched whole before the split, as CharTokenizer.encode does; they keep their vocabulary ids
+    t.add_special_tokens([AddedToken(m, special=True, normalized=False) for m in tok.specials])
     return t.to_str()
+
+
+def chat_template_jinja(template):
+    """sft.ChatTemplate as the Jinja chat template transformers' apply_chat_template runs: the same
+    text as template.prompt for a user turn with add_generation_prompt, and each finished turn closed
+    by template.end (the model's end of turn). A system message given replaces the default one."""
+    lit = json.dumps                                       # a JSON string is a Jinja string literal
+    start, end = lit(template.start), lit(template.end)
+    system = "none" if template.system is None else lit(template.system)
+    return ("{%- if messages and messages[0]['role'] == 'system' -%}"
+            "{%- set sys = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+            "{%- else -%}{%- set sys = " + system + " -%}{%- set turns = messages -%}{%- endif -%}"
+            "{%- if sys is not none -%}{{ " + start + " + 'system\n' + sys + " + end + " + '\n' }}{%- endif -%}"
+            "{%- for m in turns -%}{{ " + start + " + m['role'] + '\n' + m['content'] + " + end
+            + " + '\n' }}{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{ " + start + " + 'assistant\n' }}{%- endif -%}")
 
 
 def check_target(to, force, source_dir=None):
@@ -207,25 +231,40 @@ def check_target(to, force, source_dir=None):
         raise UsageError(f"--to {to!r}: its parent folder {parent!r} does not exist.")
 
 
-def export_hf(params, cfg, tok, to, force=False, source_dir=None, source=""):
+def check_vocab(tok, cfg):
+    """Raise UsageError unless the tokenizer has exactly the model's ids 0 .. V - 1."""
+    if tok is not None and tok.vocab_size != cfg.vocab_size:
+        raise UsageError(f"the tokenizer has {tok.vocab_size} ids and the model {cfg.vocab_size}: an export "
+                         "needs one token for every row of the embedding.")
+
+
+def export_hf(params, cfg, tok, to, force=False, source_dir=None, source="", chat=None):
     """Write the Hugging Face checkpoint directory `to` atomically: everything goes into a
     temporary sibling first, which then takes `to`'s place (a previous export, with force, is
-    removed only after that). Returns the absolute path written."""
+    removed only after that). chat: the sft.ChatTemplate a finetuned model was tuned with; its end
+    marker becomes eos_token_id (where generate stops) and it is written as the chat template.
+    Returns the absolute path written."""
     check_target(to, force, source_dir)
+    check_vocab(tok, cfg)
+    eos = chat.end_id(tok) if chat is not None and tok is not None else None
     target = os.path.abspath(to)
     tmp = tempfile.mkdtemp(prefix="." + os.path.basename(target) + ".tmp-", dir=os.path.dirname(target))
     try:
         write_safetensors(os.path.join(tmp, MARKER), hf_state_dict(params, cfg),
                           {"exported_by": "minisparse", "source": str(source)})
         config = hf_config(cfg)
+        generation = {"_from_model_config": True}
         if tok is not None:
             with open(os.path.join(tmp, "tokenizer.json"), "w", encoding="utf-8") as f:
                 f.write(hf_tokenizer_json(tok))
-            _write_json(os.path.join(tmp, "tokenizer_config.json"),
-                        {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
-                         "clean_up_tokenization_spaces": False})
+            tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
+                          "clean_up_tokenization_spaces": False}
+            if eos is not None:
+                config["eos_token_id"] = generation["eos_token_id"] = eos
+                tok_config.update(eos_token=chat.end, chat_template=chat_template_jinja(chat))
+            _write_json(os.path.join(tmp, "tokenizer_config.json"), tok_config)
         _write_json(os.path.join(tmp, "config.json"), config)
-        _write_json(os.path.join(tmp, "generation_config.json"), {"_from_model_config": True})
+        _write_json(os.path.join(tmp, "generation_config.json"), generation)
         _move_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -359,8 +398,9 @@ def check_gguf_target(to, force):
         raise UsageError(f"--to {to!r}: its parent folder {parent!r} does not exist.")
 
 
-def export_gguf(params, cfg, tok, to, force=False, chat_template=None):
-    """Write the dense model as the GGUF file `to` (a temporary file, then renamed)."""
+def export_gguf(params, cfg, tok, to, force=False, chat_template=None, eos_token_id=None):
+    """Write the dense model as the GGUF file `to` (a temporary file, then renamed). chat_template
+    (Jinja) and eos_token_id, the end of a turn, are written when given."""
     check_gguf_target(to, force)
     if cfg.activation != "swiglu":
         raise UsageError(f"GGUF export needs a SwiGLU model: llama.cpp's llama architecture has no "
@@ -374,7 +414,9 @@ def export_gguf(params, cfg, tok, to, force=False, chat_template=None):
         raise UsageError("GGUF export needs the 'gguf' package: pip install gguf") from None
     spec = json.loads(tok.tok.to_str())
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-    vocab = sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])
+    ids = dict(spec["model"]["vocab"])
+    ids.update({t["content"]: t["id"] for t in spec.get("added_tokens", [])})      # sft.py's chat markers
+    vocab = sorted(ids.items(), key=lambda kv: kv[1])
     if [i for _, i in vocab] != list(range(cfg.vocab_size)):
         raise UsageError(f"the tokenizer's {len(vocab)} ids are not 0 .. {cfg.vocab_size - 1}: "
                          "GGUF needs one token for every row of the embedding.")
@@ -405,6 +447,8 @@ def export_gguf(params, cfg, tok, to, force=False, chat_template=None):
         w.add_token_merges(merges)
         if chat_template:
             w.add_chat_template(chat_template)
+        if eos_token_id is not None:
+            w.add_eos_token_id(eos_token_id)
         for name, a in gguf_tensors(params, cfg).items():
             w.add_tensor(name, a)
         w.write_header_to_file()

@@ -19,7 +19,9 @@ Weights, absmean ternary per tensor (1.58 bits: log2 3):
 same scale that quantized (gamma + eps, not gamma) maps the largest |x| back to itself; the paper
 writes the rescale as gamma / 127 and alpha, which differs from this by eps only. An all-zero row
 (or tensor) gives gamma = 0 (alpha = 0) and quantizes to zeros, not NaN. The largest |x| maps to
-127 exactly, so activations never clip and -128 is never reached; weights clip wherever
+round(127 gamma / (gamma + eps)): that is 127 exactly only when 127 gamma / (gamma + eps) > 126.5,
+i.e. gamma > 253 eps = 2.53e-3; a row with a smaller gamma uses fewer codes (gamma = 1e-4: 115).
+Either way activations never clip and -128 is never reached; weights clip wherever
 |W| > 1.5 alpha.
 
 Backward: rounding has zero derivative almost everywhere, so training passes the gradient

@@ -23,7 +23,9 @@ never which examples are held out):
              pydoc_data topic's title). TASK_TRAIN and TASK_TEST items of each kind (the fact:
              one per topic), test prompts never seen in training, fact topics held out.
     "pydoc"  pydoc_data's topics as question and answer: 'Explain the Python topic "with".' ->
-             the topic's reference text; HELD_OUT of the 79 topics are the test set.
+             the topic's reference text; HELD_OUT of the distinct topics are the test set.
+    Topics whose texts are the same ("if" and "else") are one topic (topic_groups), so the
+    split is by content: no held-out prompt or text is trained on.
     "mix"    both.
     a .jsonl file, one {"prompt": ..., "response": ...} object a line; every tenth is held out.
 
@@ -74,17 +76,34 @@ def _title(text):
     return text.strip().split("\n", 1)[0].strip()
 
 
-def held_out_topics():
-    topics = sorted(_topics())
-    rng = np.random.default_rng(SPLIT_SEED)
-    return sorted(topics[i] for i in rng.choice(len(topics), HELD_OUT, replace=False))
-
-
-def pydoc_examples():
-    """{"train": [...], "test": [...]}: each topic as 'Explain ...' -> its reference text."""
-    test = set(held_out_topics())
-    out = {"train": [], "test": []}
+def topic_groups():
+    """{representative key: (every key with that text, text)}, one entry per distinct text: some
+    topics share theirs ("if" and "else"), and the split is made by content, so that no prompt is
+    asked with two answers and no held-out text is also trained on. The representative is the key
+    the title quotes ('The "if" statement' -> "if"), else the first key."""
+    by_text = {}
     for key, text in _topics().items():
+        by_text.setdefault(text.strip()[:RESPONSE_CHARS], []).append((key, text))    # as pydoc answers it
+    out = {}
+    for pairs in by_text.values():
+        keys, text = [k for k, _ in pairs], pairs[0][1]
+        quoted = [k for k in keys if f'"{k}"' in _title(text)]
+        out[(quoted or keys)[0]] = (tuple(keys), text)
+    return dict(sorted(out.items()))
+
+
+def held_out_topics(seed=SPLIT_SEED):
+    """The representative keys of the HELD_OUT distinct topics held out for testing."""
+    reps = sorted(topic_groups())
+    rng = np.random.default_rng(seed)
+    return sorted(reps[i] for i in rng.choice(len(reps), HELD_OUT, replace=False))
+
+
+def pydoc_examples(seed=SPLIT_SEED):
+    """{"train": [...], "test": [...]}: each distinct topic as 'Explain ...' -> its reference text."""
+    test = set(held_out_topics(seed))
+    out = {"train": [], "test": []}
+    for key, (_, text) in topic_groups().items():
         ex = Example(f'Explain the Python topic "{key}".', text.strip()[:RESPONSE_CHARS], "pydoc")
         out["test" if key in test else "train"].append(ex)
     return out
@@ -110,10 +129,10 @@ def _task(kind, rng):
     raise ValueError(kind)
 
 
-def task_examples():
+def task_examples(seed=SPLIT_SEED):
     """{"train": [...], "test": [...]}: TASK_TRAIN / TASK_TEST items of each kind; no test prompt is
     also a training prompt; the fact items' test topics are pydoc's held-out topics."""
-    rng = np.random.default_rng(SPLIT_SEED)
+    rng = np.random.default_rng(seed)
     out = {"train": [], "test": []}
     for kind in TASK_KINDS[:-1]:
         test, seen = [], set()
@@ -129,8 +148,8 @@ def task_examples():
                 train.append(ex)
         out["train"] += train
         out["test"] += test
-    held = set(held_out_topics())
-    for key, text in _topics().items():
+    held = set(held_out_topics(seed))
+    for key, (_, text) in topic_groups().items():
         ex = Example(f'Topic key of "{_title(text)}"?', key, "fact")
         out["test" if key in held else "train"].append(ex)
     return out

@@ -106,6 +106,76 @@ def test_interval_on_known_data():
     assert abs(d - 0.1) < 1e-12 and abs(dlo - 0.1) < 1e-12 and abs(r - math.expm1(0.1)) < 1e-12
 
 
+def test_interval_is_95_percent_not_90():
+    """The ends are the 2.5 and 97.5 percentiles of the resampled statistic: 2.5% of the draws lie
+    below lo and 2.5% above hi (a 90% interval leaves 5% each side), and for the mean of normal data
+    the half-width is 1.96 bootstrap standard errors (1.645 at 90%), within 5%."""
+    W = 400
+    v = np.random.default_rng(3).normal(0.0, 1.0, W)
+    idx = ev.bootstrap_indices(W, n=4000, seed=1)
+    point, lo, hi = ev.interval(v, np.mean, idx)
+    draws = v[idx].mean(axis=1)
+    assert np.mean(draws < lo) == pytest.approx(0.025, abs=0.003)
+    assert np.mean(draws > hi) == pytest.approx(0.025, abs=0.003)
+    se = v.std(ddof=0) / math.sqrt(W)                                   # the bootstrap's own standard error
+    assert (hi - lo) / (2 * 1.96 * se) == pytest.approx(1.0, abs=0.05)
+    assert abs(point - v.mean()) < 1e-15
+
+
+def scores_with(toy, dense_loss, sparse_loss, kl=None):
+    """score()'s {label: Scores} for the toy model at S=0.5, the losses (and KL) replaced by known ones."""
+    params, cfg, x, y = toy
+    scores = ev.score(params, cfg, x[:2], y[:2], [ev.uniform(cfg, 0.5)])
+    d, s = scores["dense"], scores["S=0.5"]
+    zero = np.zeros_like(dense_loss)
+    return {"dense": ev.Scores(d.plan, dense_loss, zero, np.ones(dense_loss.shape, bool), d.zeros),
+            "S=0.5": ev.Scores(s.plan, sparse_loss, zero if kl is None else kl,
+                               np.ones(dense_loss.shape, bool), s.zeros)}
+
+
+def test_sparse_minus_dense_interval_is_paired(toy):
+    """Windows whose losses differ widely, sparse always 0.01 nats above dense on the same window: a
+    paired bootstrap (the same windows drawn for both rows) sees no spread in the difference, an
+    unpaired one the windows' whole spread."""
+    _, cfg, _, _ = toy
+    W, T = 60, 8
+    dense = np.repeat(np.random.default_rng(2).uniform(1.0, 4.0, W)[:, None], T, axis=1)    # (W, T)
+    sparse = dense + 0.01
+    idx = ev.bootstrap_indices(W, n=500, seed=0)
+    rows = ev.summarize(scores_with(toy, dense, sparse), cfg, idx)
+    r = rows[1]
+    assert r["d_ppl"] == pytest.approx(math.expm1(0.01), rel=1e-9)
+    assert r["d_ppl_lo"] == pytest.approx(math.expm1(0.01), rel=1e-9)
+    assert r["d_ppl_hi"] == pytest.approx(math.expm1(0.01), rel=1e-9)
+    assert r["ppl_hi"] - r["ppl_lo"] > 0.5                              # each row alone does spread
+    (d, dlo, dhi), (q, qlo, qhi) = ev.paired_difference(dense, sparse, idx)
+    assert d == pytest.approx(0.01, rel=1e-9) and dlo == pytest.approx(0.01, rel=1e-9)
+    assert dhi == pytest.approx(0.01, rel=1e-9) and qlo == pytest.approx(math.expm1(0.01), rel=1e-9)
+
+
+def test_bootstrap_resamples_whole_windows(toy):
+    """Tokens within a window equal (perfectly correlated), windows independent: the interval is that
+    of W values, 2 * 1.96 * sd / sqrt(W) wide; resampling the W * T tokens as if independent would
+    give one sqrt(T) = 4 times narrower."""
+    _, cfg, _, _ = toy
+    W, T = 200, 16
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(2.0, 0.3, W), rng.normal(0.05, 0.02, W)
+    dense = np.repeat(a[:, None], T, axis=1)
+    sparse = dense + np.repeat(b[:, None], T, axis=1)
+    kl = np.repeat(rng.exponential(0.1, W)[:, None], T, axis=1)
+    idx = ev.bootstrap_indices(W, n=2000, seed=0)
+    r = ev.summarize(scores_with(toy, dense, sparse, kl), cfg, idx)[1]
+
+    def width_ratio(lo, hi, values):
+        return (hi - lo) / (2 * 1.96 * values.std() / math.sqrt(W))
+    assert width_ratio(math.log(r["ppl_lo"]), math.log(r["ppl_hi"]), a + b) == pytest.approx(1.0, abs=0.12)
+    assert width_ratio(math.log1p(r["d_ppl_lo"]), math.log1p(r["d_ppl_hi"]), b) == pytest.approx(1.0, abs=0.12)
+    assert width_ratio(r["kl_lo"], r["kl_hi"], kl[:, 0]) == pytest.approx(1.0, abs=0.12)
+    (_, dlo, dhi), _ = ev.paired_difference(dense, sparse, idx)
+    assert width_ratio(dlo, dhi, b) == pytest.approx(1.0, abs=0.12)
+
+
 def test_summary_row_of_dense_is_zero_change(toy):
     params, cfg, x, y = toy
     scores = ev.score(params, cfg, x, y, [ev.uniform(cfg, 0.5)])

@@ -21,7 +21,7 @@ import pytest
 
 import export as export_program
 import train_tiny
-from minisparse import export, model, pretrained
+from minisparse import export, model, pretrained, sft
 from minisparse.data import CharTokenizer
 from minisparse.errors import UsageError
 
@@ -237,6 +237,63 @@ def test_char_tokenizer_round_trips_in_transformers(tmp_path):
     assert hf_tok.decode(ours.encode(text)) == text
 
 
+MARKERS = ["<|im_start|>", "<|im_end|>"]
+
+
+def finetuned_char_model():
+    """A char model as sft.py finetunes it: its tokenizer and embedding grown by the two chat markers."""
+    tok = CharTokenizer(CHARS).with_specials(MARKERS)
+    cfg, params = tiny_model(vocab_size=tok.vocab_size, block_size=64)
+    return tok, cfg, params
+
+
+def test_finetuned_char_tokenizer_keeps_its_chat_markers(tmp_path):
+    """Every id of the model is in the exported tokenizer, the added markers included (each one token)."""
+    tok, cfg, params = finetuned_char_model()
+    export.export_hf(params, cfg, tok, tmp_path / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert len(hf_tok) == tok.vocab_size == cfg.vocab_size == len(CHARS) + 2
+    text = sft.TINY.prompt("what is 1 and 2.") + "3<|im_end|>"
+    ids = tok.encode(text)
+    assert hf_tok(text)["input_ids"] == ids and ids[-1] == cfg.vocab_size - 1
+    assert hf_tok.decode(ids) == text
+    assert hf_tok.convert_tokens_to_ids(MARKERS) == [len(CHARS), len(CHARS) + 1]
+
+
+@pytest.mark.parametrize("template", [sft.TINY, sft.ChatTemplate(system="be brief.")], ids=["tiny", "system"])
+def test_finetuned_export_ends_turns_and_applies_its_chat_template(template, tmp_path):
+    """A finetuned model's end-of-turn marker is eos_token_id (config, generation config, tokenizer), and
+    apply_chat_template gives the prompt it was finetuned with, a system turn included."""
+    tok, cfg, params = finetuned_char_model()
+    to = tmp_path / "hf"
+    export.export_hf(params, cfg, tok, to, chat=template)
+    end = template.end_id(tok)
+    assert json.loads((to / "config.json").read_text())["eos_token_id"] == end
+    assert json.loads((to / "generation_config.json").read_text())["eos_token_id"] == end
+    hf = load_hf(to)
+    assert hf.config.eos_token_id == end and hf.generation_config.eos_token_id == end
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(to))
+    assert hf_tok.eos_token == template.end and hf_tok.eos_token_id == end
+    turn = [{"role": "user", "content": "what is 1 and 2."}]
+    assert hf_tok.apply_chat_template(turn, add_generation_prompt=True, tokenize=False) == template.prompt(turn[0]["content"])
+    done = hf_tok.apply_chat_template(turn + [{"role": "assistant", "content": "3"}], tokenize=False)
+    assert done == template.prompt(turn[0]["content"]) + "3" + template.end + "\n"
+    # without a template (a model never finetuned) nothing claims to end a turn
+    export.export_hf(params, cfg, tok, tmp_path / "plain")
+    assert json.loads((tmp_path / "plain" / "config.json").read_text())["eos_token_id"] is None
+
+
+def test_program_exports_a_finetuned_runs_template(tmp_path, capsys, monkeypatch):
+    """export.py reads the template from the run's metadata (sft.template_of) and hands it on."""
+    tok, cfg, params = finetuned_char_model()
+    meta = {"sft": {"set": "tasks", "template": sft.TINY.to_dict()}}
+    monkeypatch.setattr(export_program, "load_run", lambda out_dir: (params, None, cfg, tok, meta))
+    rc, _, err = call(["--out_dir", tmp_path / "run", "--to", tmp_path / "hf"], capsys)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == cfg.vocab_size - 1
+    assert "chat_template" in json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+
+
 # ----------------------------------------------------------------------------- the program
 
 TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--batch_size", "2",
@@ -399,6 +456,27 @@ def test_gguf_export_reads_back_with_load_gguf(kw, tmp_path):
     assert record("export GGUF dense logits (rel)", err) < (1e-6 if cfg.w_bits == 1.58 else 1e-8), err
     if cfg.rope_layout == "pairs":              # already GGUF's layout: the rows are written as they are
         assert np.array_equal(back["h.1.attn.wq"], params["h.1.attn.wq"].astype(np.float32))
+
+
+@needs_gguf
+def test_gguf_export_of_a_finetuned_bpe_model_keeps_its_added_tokens(tmp_path):
+    """A tiny BPE model finetuned by sft.py has two added tokens past its vocabulary's V: the file
+    holds all V + 2 (the markers as control tokens, one token each when read back), and the end of
+    a turn as its eos token."""
+    V = bpe_tokenizer().vocab_size
+    tok = bpe_tokenizer().with_specials(MARKERS)
+    assert tok.vocab_size == V + 2
+    cfg, params = tiny_model(activation="swiglu", vocab_size=tok.vocab_size)
+    end = sft.TINY.end_id(tok)
+    path = export.export_gguf(params, cfg, tok, tmp_path / "m.gguf", chat_template=export.chat_template_jinja(sft.TINY),
+                              eos_token_id=end)
+    import gguf
+    r = gguf.GGUFReader(str(path))
+    assert r.fields["tokenizer.ggml.eos_token_id"].contents() == end == V + 1
+    back, cfg2, tok2, template = pretrained.load_gguf(str(path), block_size=cfg.block_size)
+    assert tok2.vocab_size == cfg2.vocab_size == V + 2 and template == export.chat_template_jinja(sft.TINY)
+    text = sft.TINY.prompt("the red dog") + "a box<|im_end|>"
+    assert tok2.encode(text) == tok.encode(text) and tok.encode("<|im_end|>") == [V + 1]
 
 
 @needs_gguf

@@ -64,6 +64,19 @@ def test_activation_quantizer_ties_at_half_round_to_even():
     assert q.tolist() == [[127.0, 0.0, 2.0, 2.0, -0.0, -2.0]]
 
 
+def test_largest_activation_maps_to_127_only_above_the_documented_gamma():
+    """The docstring's threshold is the code's: the largest |x| of a row is code 127 just above
+    gamma = 253 eps = 2.53e-3 and 126 just below it (the eps in the scale); far below, fewer codes."""
+    import re
+    m = re.search(r"gamma > 253 eps = ([0-9.e-]+)", quant.__doc__)
+    assert m, "quant.py's docstring must say when the largest |x| maps to 127"
+    g = float(m.group(1))
+    assert g == pytest.approx(253 * quant.EPS, rel=1e-12)
+    for gamma, code in ((g * (1 + 1e-6), 127), (g * (1 - 1e-6), 126), (1e-4, 115), (1.0, 127)):
+        q, _ = quant.quantize_activations(np.array([[gamma, -gamma / 3, 0.0]]))
+        assert q[0, 0] == code and np.abs(q).max() <= 127, (gamma, q)
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_weight_quantizer_is_its_definition(dtype):
     """w = RoundClip(W / (alpha + eps), -1, 1), alpha = mean|W| over the whole tensor: ternary,

@@ -128,6 +128,45 @@ def test_sets_are_deterministic_and_held_out_items_are_never_trained_on():
             assert e.response == ", ".join(sorted(e.prompt.split(": ")[1].split(", "), key=int))
 
 
+@pytest.mark.parametrize("seed", [sft.SPLIT_SEED, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+def test_no_test_prompt_or_response_is_trained_on_for_any_split_seed(seed):
+    """The split is by content: topics with one text ("if" and "else") are one topic, so no held-out
+    prompt or pydoc answer (nor fact answer) is also a training one, and no prompt has two answers."""
+    pydoc, tasks = sft.pydoc_examples(seed), sft.task_examples(seed)
+    for name, sets in (("pydoc", pydoc), ("tasks", tasks)):
+        train_prompts = {e.prompt for e in sets["train"]}
+        leaked = [e.prompt for e in sets["test"] if e.prompt in train_prompts]
+        assert not leaked, (name, seed, leaked)
+    assert not {e.response for e in pydoc["test"]} & {e.response for e in pydoc["train"]}, seed
+    facts = {s: [e for e in tasks[s] if e.kind == "fact"] for s in ("train", "test")}
+    assert not {e.response for e in facts["test"]} & {e.response for e in facts["train"]}, seed
+    for examples in (pydoc["train"] + pydoc["test"], facts["train"] + facts["test"]):
+        answers = {}
+        for e in examples:
+            answers.setdefault(e.prompt, set()).add(e.response)
+        assert all(len(a) == 1 for a in answers.values()), [p for p, a in answers.items() if len(a) > 1]
+        assert len({e.response for e in examples}) == len(examples)          # each text once
+    assert len(pydoc["test"]) == len(facts["test"]) == sft.HELD_OUT
+
+
+def test_response_scores_weigh_every_response_token_equally():
+    """Batches of very different response lengths: the mean is over tokens (the loss of all of them
+    in one batch, where padding changes nothing), not the mean of the batches' means."""
+    tok, cfg = tok_and_cfg(sparsity=0.5)
+    params = model.init_params(cfg, seed=5, dtype=np.float64)
+    examples = [sft.Example("x?", "a"), sft.Example("y?", "b"),
+                sft.Example("z?", "the long answer with many tokens in it")]
+    enc = sft.encode_all(tok, sft.TINY, examples, 48)
+    x, y = sft.make_batch(enc)                                        # every token, one batch
+    want = float(model.forward_loss(params, cfg, x, y, model.REFERENCE)[0])
+    by_batch = [float(model.forward_loss(params, cfg, *sft.make_batch(enc[s:s + 2]), model.REFERENCE)[0])
+                for s in (0, 2)]
+    assert abs(np.mean(by_batch) - want) > 1e-3                         # the two means differ here
+    got, zeros = sft.response_scores(params, cfg, enc, 2, model.REFERENCE)
+    assert got == pytest.approx(want, rel=1e-12)
+    assert set(zeros) == set(model.SITES)
+
+
 def test_epoch_batches_visit_every_example_once_and_depend_on_the_step_alone():
     tok, _ = tok_and_cfg()
     enc = sft.encode_all(tok, sft.TINY, [sft.Example(f"q{i}?", "a" * (i + 1)) for i in range(7)], 48)
