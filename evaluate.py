@@ -63,6 +63,11 @@ def build_parser():
     p.add_argument("--report_dir", default="", help="where to write the report (default: OUT_DIR/eval, "
                    "or eval-NAME for a pretrained model)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                   help="the precision the model runs in, fast paths included. Top-K is discontinuous: in float32 a "
+                        "near-tie at the K-th largest |x| can flip with the summation order, so two correct "
+                        "implementations (or machines) may print different text; float64 is the ground truth "
+                        "to audit against (docs/qsparse.md, float64 as the ground truth)")
     return p
 
 
@@ -130,7 +135,7 @@ def run_ab(args):
     (a_src, a_set), (b_src, b_set) = [(s.split("@", 1) + [None])[:2] for s in args.ab]
     models = []
     for src, setting in ((a_src, a_set), (b_src, b_set)):
-        params, cfg, tok, default_data, _ = ev.load_source(src)
+        params, cfg, tok, default_data, _ = ev.load_source(src, np.dtype(args.dtype))
         if setting is None:
             plan = ev.uniform(cfg, cfg.sparsity, cfg.nm, label="as trained")
         else:
@@ -179,7 +184,7 @@ def run(args):
         print(f"wrote {os.path.join(report_dir, 'ab.json')}")
         return
     settings = ev.parse_settings(args.sparsity)
-    params, cfg, tok, default_data, _ = ev.load_source(source)
+    params, cfg, tok, default_data, _ = ev.load_source(source, np.dtype(args.dtype))
     trained = (cfg.sparsity, cfg.nm)
     if trained not in settings and trained != (0.0, None):
         settings.append(trained)

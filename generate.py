@@ -69,6 +69,11 @@ def build_parser():
                         "auto: the row-sparse kernel where it pays (minisparse/fast/rowsparse.py, auto_method). With numba, "
                         "auto and numba decode one token at a time through a compiled step (minisparse/fast/step.py), "
                         "dense included")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                   help="the precision the model runs in, fast paths included. Top-K is discontinuous: in float32 a "
+                        "near-tie at the K-th largest |x| can flip with the summation order, so two correct "
+                        "implementations (or machines) may print different text; float64 is the ground truth "
+                        "to audit against (docs/qsparse.md, float64 as the ground truth)")
     p.add_argument("--reference", action="store_true",
                    help="run the readable reference ops and the masked product (unless --kernel is given; "
                         "'gather' is the reference row-sparse product), none of minisparse/fast/: to step "
@@ -87,9 +92,9 @@ def run(args):
         if not pretrained.is_pretrained_source(args.init_from):
             raise UsageError(f"--init_from {args.init_from!r} is not allowed: give 'smollm2' or a .gguf file "
                              "(a run of train_tiny.py is loaded with --out_dir).")
-        params, cfg, tok, template = pretrained.load_gguf(args.init_from)
+        params, cfg, tok, template = pretrained.load_gguf(args.init_from, dtype=np.dtype(args.dtype))
     else:
-        params, _, cfg, tok, meta = load_run(args.out_dir)
+        params, _, cfg, tok, meta = load_run(args.out_dir, np.dtype(args.dtype))
         template = sft.template_of(meta)           # a finetuned run: the chat template it was tuned with
     tuned = isinstance(template, sft.ChatTemplate)
     ids_eot = tok.encode(template.end if tuned else "<|im_end|>") if template else []

@@ -465,12 +465,13 @@ def parse_settings(text):
     return out
 
 
-def load_source(source):
-    """A run directory, 'smollm2' or a .gguf file -> (params, cfg, tokenizer, data source, template)."""
+def load_source(source, dtype=np.float32):
+    """A run directory, 'smollm2' or a .gguf file -> (params in `dtype`, cfg, tokenizer, data source,
+    template)."""
     if is_pretrained_source(source):
-        params, cfg, tok, template = load_gguf(source, block_size=256)
+        params, cfg, tok, template = load_gguf(source, block_size=256, dtype=dtype)
         return params, cfg, tok, "pydoc", template
-    params, _, cfg, tok, meta = load_run(source)
+    params, _, cfg, tok, meta = load_run(source, dtype)
     return params, cfg, tok, meta.get("train", {}).get("data", "pydoc"), None
 
 

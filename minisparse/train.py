@@ -146,8 +146,9 @@ def ckpt_path(out_dir):
     return os.path.join(out_dir, "ckpt.npz")
 
 
-def load_run(out_dir):
-    """Params (on the device), GPTConfig, tokenizer and meta of a saved run."""
+def load_run(out_dir, dtype=np.float32):
+    """Params (on the device, in `dtype`: float32 to run, float64 to audit), GPTConfig, tokenizer and
+    meta of a saved run."""
     path = ckpt_path(out_dir)
     params, opt_state, meta = load_checkpoint(path)
     try:
@@ -156,7 +157,7 @@ def load_run(out_dir):
     except (KeyError, TypeError) as e:
         raise UsageError(f"checkpoint {path!r} is corrupt: its metadata lacks {e}.") from None
     check_params(params, model.param_shapes(cfg), path)
-    params = {k: backend.asarray(v, dtype=np.float32) for k, v in params.items()}
+    params = {k: backend.asarray(v, dtype=dtype) for k, v in params.items()}
     return params, opt_state, cfg, tok, meta
 
 

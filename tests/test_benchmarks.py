@@ -120,3 +120,19 @@ def test_step_bandwidth_counts_the_bytes_of_the_rows_each_variant_read():
     assert {t[2] for t in times["S 0"]} == {cfg.n_layer * int(np.dot(dims, row_bytes))}
     assert {t[2] for t in times["S 0.5"]} == {cfg.n_layer * sum(kept_count(D, 0.5) * b for D, b in zip(dims, row_bytes))}
     assert {t[2] for t in times["no rows"]} == {0}
+
+
+def test_topk_flips_records_every_selection_and_finds_none_at_equal_precision():
+    """The flip benchmark sees the L x 4 selections of the reference forward; float64 against
+    itself flips nothing; the boundary gap is (|x|_(K) - |x|_(K+1)) / |x|_(K), NaN where |x|_(K) = 0."""
+    from benchmarks import topk_flips
+    from minisparse import model
+    cfg = model.GPTConfig(vocab_size=13, block_size=8, n_layer=2, n_head=2, n_embd=32, sparsity=0.5)
+    params = {k: v.astype(topk_flips.np.float64) for k, v in model.init_params(cfg, seed=0).items()}
+    logits, rec = topk_flips.recorded_forward(params, cfg, [1, 2, 3, 4], 0.5)
+    assert logits.shape == (4, 13) and len(rec) == 2 * 4
+    assert all(kept.sum(axis=-1).max() <= x.shape[-1] // 2 for x, kept in rec.values())   # K = D / 2
+    res = topk_flips.compare(params, params, cfg, [[1, 2, 3, 4]], 0.5)
+    assert sum(v[0] for v in res["flips"].values()) == 0 and res["seqs"][0]["first"] is None
+    g = topk_flips.boundary_gap(topk_flips.np.array([[4.0, -2.0, 1.0, 0.5], [3.0, 0.0, 0.0, 0.0]]), 2)
+    assert g[0] == 0.5 and topk_flips.np.isnan(g[1])
