@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -111,6 +111,59 @@ for S in (0.0, 0.4):
 # %% [markdown]
 # A greedy answer to a simple factual question can survive a sparsity at which perplexity
 # has clearly risen: compare the two answers above with the curve of Section 2.
+#
+# ## 4. Float32 on a knife's edge: why float64 is the ground truth
+#
+# Top-K is discontinuous. When the K-th and (K+1)-th largest |x| of a row lie closer together
+# than float32's rounding error, another summation order (another kernel, another machine)
+# can keep the other channel. The next cell runs an 8-token prompt at S = 0.4 through
+# the readable reference twice, with the weights in float32 and in float64 (the float32
+# weights are exactly the float64 ones, rounded), records every site's kept set, and prints,
+# layer by layer, how many of the 8 tokens' rows kept a different set.
+
+# %%
+from minisparse import linear
+from minisparse.model import REFERENCE
+
+
+def kept_sets(p, ids, S):
+    kept = []
+
+    def recording(x, spec):                        # linear.sparsify, its mask kept
+        xs, mask = linear.sparsify(x, spec)
+        kept.append(np.asarray(mask if mask is not None else xs != 0).reshape(-1, x.shape[-1]))
+        return xs, mask
+
+    logits, _, _ = model.forward(p, replace(cfg, sparsity=S), np.array([ids]), None,
+                                 replace(REFERENCE, sparsify=recording))
+    return kept, logits[0, -1]
+
+
+ids = tok.encode("def fibonacci(n):\n    return")
+p64 = {k: v.astype(np.float64) for k, v in params.items()}
+k32, last32 = kept_sets(params, ids, 0.4)
+k64, last64 = kept_sets(p64, ids, 0.4)
+flipped = np.array([(a != b).any(axis=1).sum() for a, b in zip(k32, k64)]).reshape(cfg.n_layer, 4)
+for l in range(cfg.n_layer):
+    if flipped[:l + 1].any():
+        print(f"layer {l:2d}: rows flipped qkv {flipped[l, 0]} o {flipped[l, 1]} "
+              f"up_gate {flipped[l, 2]} down {flipped[l, 3]}  (of {len(ids)} each)")
+print("first layer with a flip:", int(np.argmax(flipped.any(axis=1))) if flipped.any() else None)
+print(f"last logits: max |float32 - float64| = {np.abs(last32 - last64).max():.3g}; greedy next token "
+      f"{tok.decode([int(last32.argmax())])!r} (float32) against {tok.decode([int(last64.argmax())])!r} (float64)")
+
+# %% [markdown]
+# Before the first flip the two runs agree to about 1e-6; after it, each swapped channel changes
+# its projection's output, which moves more channels in the layers that follow, and the logits
+# can end several units apart. Neither run is wrong: float32's answer is one rounding away from
+# float64's. What it means for reproducing a sparse pretrained model:
+#
+# - compare two implementations (or `generate.py --reference` with the default path) in
+#   **float64** (`--dtype float64`), where every path equals the reference to ~1e-13
+#   (tests/test_float64_audit.py); in float32, expect the same answer only up to such flips;
+# - `benchmarks/topk_flips.py` measures how often it happens: on SmolLM2 training-free at
+#   S 0.3-0.6, 9-16 of 28 sequences flip somewhere and 3-5 greedy next tokens change at
+#   S 0.4-0.6, while the tiny models trained here flipped no row (benchmarks/RESULTS.md 18).
 #
 # ## Check
 #
