@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from minisparse import backend, evaluate as ev
 from minisparse.errors import UsageError
+from minisparse.flags import add_dtype_flag
 from minisparse.fast import FAST
 
 DEFAULT_SPARSITIES = "0,0.3,0.4,0.5,0.6"
@@ -63,11 +64,7 @@ def build_parser():
     p.add_argument("--report_dir", default="", help="where to write the report (default: OUT_DIR/eval, "
                    "or eval-NAME for a pretrained model)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
-    p.add_argument("--dtype", default="float32", choices=("float32", "float64"),
-                   help="the precision the model runs in, fast paths included. Top-K is discontinuous: in float32 a "
-                        "near-tie at the K-th largest |x| can flip with the summation order, so two correct "
-                        "implementations (or machines) may print different text; float64 is the ground truth "
-                        "to audit against (docs/qsparse.md, float64 as the ground truth)")
+    add_dtype_flag(p)
     return p
 
 

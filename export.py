@@ -58,10 +58,7 @@ def run(args):
     if args.sparsity is not None:
         cfg = dataclasses.replace(cfg, sparsity=args.sparsity, nm=None)       # validates the value
     if args.format == "gguf":
-        if chat is not None:
-            template = export.chat_template_jinja(chat)
-        eos = chat.end_id(tok) if chat is not None and tok is not None else None
-        path = export.export_gguf(params, cfg, tok, args.to, args.force, template, eos)
+        path = export.export_gguf(params, cfg, tok, args.to, args.force, template, chat)
         print(f"wrote {path}: GGUF llama, n_layer {cfg.n_layer}, n_embd {cfg.n_embd}, vocab_size "
               f"{cfg.vocab_size}, float32, dense (Q-Sparse settings under minisparse.qsparse)")
         return

@@ -31,6 +31,7 @@ from minisparse.fast import FAST
 from minisparse.fast import rowsparse as fast_rowsparse
 from minisparse.fast.decode import decode_weights
 from minisparse.errors import UsageError
+from minisparse.flags import add_dtype_flag
 from minisparse.sampling import generate
 from minisparse.train import load_run
 
@@ -69,11 +70,7 @@ def build_parser():
                         "auto: the row-sparse kernel where it pays (minisparse/fast/rowsparse.py, auto_method). With numba, "
                         "auto and numba decode one token at a time through a compiled step (minisparse/fast/step.py), "
                         "dense included")
-    p.add_argument("--dtype", default="float32", choices=("float32", "float64"),
-                   help="the precision the model runs in, fast paths included. Top-K is discontinuous: in float32 a "
-                        "near-tie at the K-th largest |x| can flip with the summation order, so two correct "
-                        "implementations (or machines) may print different text; float64 is the ground truth "
-                        "to audit against (docs/qsparse.md, float64 as the ground truth)")
+    add_dtype_flag(p)
     p.add_argument("--reference", action="store_true",
                    help="run the readable reference ops and the masked product (unless --kernel is given; "
                         "'gather' is the reference row-sparse product), none of minisparse/fast/: to step "

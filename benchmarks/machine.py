@@ -2,6 +2,7 @@
 
 import os
 import platform
+import subprocess
 import sys
 
 
@@ -37,6 +38,19 @@ def describe(device="cpu"):
         props = cupy.cuda.runtime.getDeviceProperties(0)
         parts.append(f"GPU {props['name'].decode()}, cupy {cupy.__version__}")
     return "; ".join(parts)
+
+
+def revision(tree):
+    """(the short git revision of the checkout at `tree`, '' outside one; whether its tracked files
+    have uncommitted changes), for a benchmark's log."""
+    git = ["git", "-C", tree]
+    try:
+        rev = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        edited = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                text=True).stdout.strip()
+    except OSError:                                    # no git on this machine
+        return "", False
+    return rev, bool(rev and edited)
 
 
 def last_level_cache_mb(device="cpu"):

@@ -30,7 +30,6 @@ S = 0.5 (the STE) and one trained dense, to see whether training with top-K wide
 import argparse
 import os
 import platform
-import subprocess
 import sys
 from dataclasses import replace
 
@@ -38,7 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-from benchmarks.machine import describe  # noqa: E402
+from benchmarks.machine import describe, revision  # noqa: E402
 from minisparse import model, pretrained  # noqa: E402
 from minisparse.data import load_text  # noqa: E402
 from minisparse.linear import sparsify  # noqa: E402
@@ -230,14 +229,9 @@ def versions():
             out.append(f"{mod} {__import__(mod).__version__}")
         except (ImportError, AttributeError):
             pass
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-        out.append(f"git {rev}{' (+ uncommitted changes)' if dirty else ''}")
-    except OSError:
-        pass
+    rev, edited = revision(os.path.dirname(os.path.abspath(__file__)))
+    if rev:
+        out.append(f"git {rev}{' (+ uncommitted changes)' if edited else ''}")
     return ", ".join(out)
 
 

@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-from benchmarks.machine import describe  # noqa: E402
+from benchmarks.machine import describe, revision  # noqa: E402
 from minisparse import backend, model  # noqa: E402
 from minisparse.fast import FAST, parallel  # noqa: E402
 from minisparse.fast.workers import Workers  # noqa: E402
@@ -346,12 +346,9 @@ def whole_main(args, argv):
 
     out_root = ""
     print(shown("command: python benchmarks/train_speed.py " + " ".join(argv)))
-    git = ["git", "-C", ROOT]
-    rev = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    edited = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                            text=True).stdout.strip()
+    rev, edited = revision(ROOT)
     print(f"this checkout: revision {rev or 'unknown (not a git checkout)'}"
-          + (", with uncommitted changes" if rev and edited else ""))
+          + (", with uncommitted changes" if edited else ""))
     print(f"flags: {({**WHOLE_FLAGS, 'max_iters': args.whole_iters})}, data {args.data!r}; "
           f"{args.rounds} round(s), the variants in turn; OPENBLAS_CORETYPE unset for the runs")
     results = {}

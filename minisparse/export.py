@@ -231,6 +231,11 @@ def check_target(to, force, source_dir=None):
         raise UsageError(f"--to {to!r}: its parent folder {parent!r} does not exist.")
 
 
+def end_of_turn(chat, tok):
+    """The id of a finetuned model's end-of-turn marker (chat: its sft.ChatTemplate), or None."""
+    return chat.end_id(tok) if chat is not None and tok is not None else None
+
+
 def check_vocab(tok, cfg):
     """Raise UsageError unless the tokenizer has exactly the model's ids 0 .. V - 1."""
     if tok is not None and tok.vocab_size != cfg.vocab_size:
@@ -246,7 +251,7 @@ def export_hf(params, cfg, tok, to, force=False, source_dir=None, source="", cha
     Returns the absolute path written."""
     check_target(to, force, source_dir)
     check_vocab(tok, cfg)
-    eos = chat.end_id(tok) if chat is not None and tok is not None else None
+    eos = end_of_turn(chat, tok)
     target = os.path.abspath(to)
     tmp = tempfile.mkdtemp(prefix="." + os.path.basename(target) + ".tmp-", dir=os.path.dirname(target))
     try:
@@ -398,9 +403,14 @@ def check_gguf_target(to, force):
         raise UsageError(f"--to {to!r}: its parent folder {parent!r} does not exist.")
 
 
-def export_gguf(params, cfg, tok, to, force=False, chat_template=None, eos_token_id=None):
-    """Write the dense model as the GGUF file `to` (a temporary file, then renamed). chat_template
-    (Jinja) and eos_token_id, the end of a turn, are written when given."""
+def export_gguf(params, cfg, tok, to, force=False, chat_template=None, chat=None):
+    """Write the dense model as the GGUF file `to` (a temporary file, then renamed). chat_template:
+    a pretrained model's Jinja template, written as it is; chat: the sft.ChatTemplate a finetuned
+    model was tuned with, written as its template (chat_template_jinja) and its end marker as the
+    eos token."""
+    if chat is not None:
+        chat_template = chat_template_jinja(chat)
+    eos_token_id = end_of_turn(chat, tok)
     check_gguf_target(to, force)
     if cfg.activation != "swiglu":
         raise UsageError(f"GGUF export needs a SwiGLU model: llama.cpp's llama architecture has no "

@@ -54,6 +54,15 @@ def add_flags(parser, cls, skip=()):
                                 help=f"{help_text} (default: {shown!r})")
 
 
+def add_dtype_flag(parser):
+    """--dtype, the precision a program runs a model in (generate.py, evaluate.py)."""
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                        help="the precision the model runs in, fast paths included. Top-K is discontinuous: in "
+                             "float32 a near-tie at the K-th largest |x| can flip with the summation order, so "
+                             "two correct implementations (or machines) may print different text; float64 is "
+                             "the ground truth to audit against (docs/qsparse.md, Sec. 8)")
+
+
 def given_values(cls, given):
     """{field: value} for the fields of `cls` among the parsed flags `given` (a dict), each through
     its field's parser if it names one."""

@@ -468,8 +468,7 @@ def test_gguf_export_of_a_finetuned_bpe_model_keeps_its_added_tokens(tmp_path):
     assert tok.vocab_size == V + 2
     cfg, params = tiny_model(activation="swiglu", vocab_size=tok.vocab_size)
     end = sft.TINY.end_id(tok)
-    path = export.export_gguf(params, cfg, tok, tmp_path / "m.gguf", chat_template=export.chat_template_jinja(sft.TINY),
-                              eos_token_id=end)
+    path = export.export_gguf(params, cfg, tok, tmp_path / "m.gguf", chat=sft.TINY)
     import gguf
     r = gguf.GGUFReader(str(path))
     assert r.fields["tokenizer.ggml.eos_token_id"].contents() == end == V + 1

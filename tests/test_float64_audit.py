@@ -41,7 +41,7 @@ def smol64():
 
 
 def decode_path(base, cfg, spec, prompt, B=1, kernel=None, ops=model.REFERENCE, forced=None, steps=3, plant=None):
-    """The logits (B, len(prompt) + steps - 1 ... ) of a prefill then `steps` single tokens. kernel
+    """The logits (B, steps + 1, V) at the last position of a prefill, then of `steps` single tokens. kernel
     None: the reference (no DecodeWeights, the masked product). forced: the tokens to feed (the
     reference's greedy choice); None: this path's own greedy choice. plant(fast, kv, t): a bug planted
     after the weights are built (t None) and after each token t. Returns (logits, tokens fed)."""

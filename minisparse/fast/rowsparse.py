@@ -31,14 +31,9 @@ import numpy as np
 from ..backend import array_module
 from ..rowsparse import rows_matvec as rows_matvec_gather
 from ..rowsparse import union_rows_matmul as union_rows_matmul_gather
-from .jit import njit
+from .jit import njit, numba          # numba optional (pip install numba): None where absent
 from .runtime import blas_threads
 from .topk import topk_nonzero
-
-try:                                   # optional: pip install numba
-    import numba
-except ImportError:                    # pragma: no cover - exercised where numba is absent
-    numba = None
 
 METHODS = ("gather", "chunked", "numba", "auto")
 
