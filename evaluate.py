@@ -10,7 +10,7 @@ over windows), its change against dense (paired), top-1 agreement with dense, KL
 N_a nominal and measured, and decode tokens/s on this machine. It prints a table and writes
 evaluation.json, evaluation.csv and (with matplotlib) evaluation.png to --report_dir. The JSON
 also holds the prompt-loss thresholds that `generate.py --fallback auto` reads.
-The measurements are minisparse/evaluate.py's.
+The measurements are minisparse/evaluate.py's, and --allocate's minisparse/allocation.py's.
 """
 
 import argparse
@@ -23,10 +23,13 @@ import tempfile
 import numpy as np
 from tqdm import tqdm
 
-from minisparse import backend, evaluate as ev
+from minisparse import allocation, backend, evaluate as ev
+from minisparse.data import load_text, split_ids
 from minisparse.errors import UsageError
-from minisparse.flags import add_dtype_flag
+from minisparse.flags import add_dtype_flag, parse_nm
 from minisparse.fast import FAST
+from minisparse.pretrained import is_pretrained_source, load_gguf
+from minisparse.run import load_run
 
 DEFAULT_SPARSITIES = "0,0.3,0.4,0.5,0.6"
 
@@ -68,10 +71,45 @@ def build_parser():
     return p
 
 
+# the inputs: settings, models, texts
+
+def parse_settings(text):
+    """'0,0.5,16:32' -> [(0.0, None), (0.5, None), (0.0, (16, 32))]."""
+    out = []
+    for item in str(text).split(","):
+        item = item.strip()
+        if ":" in item:
+            out.append((0.0, parse_nm(item)))
+            continue
+        try:
+            s = float(item)
+        except ValueError:
+            s = float("nan")
+        if not 0 <= s < 1:
+            raise UsageError(f"--sparsity item {item!r} is not allowed: give top-K sparsities in [0, 1) or "
+                             "N:M blocks such as 16:32, separated by commas.")
+        out.append((s, None))
+    return out
 
 
+def load_source(source, dtype=np.float32):
+    """A run directory, 'smollm2' or a .gguf file -> (params in `dtype`, cfg, tokenizer, data source,
+    template)."""
+    if is_pretrained_source(source):
+        params, cfg, tok, template = load_gguf(source, block_size=256, dtype=dtype)
+        return params, cfg, tok, "pydoc", template
+    params, _, cfg, tok, meta = load_run(source, dtype)
+    return params, cfg, tok, meta.get("train", {}).get("data", "pydoc"), None
 
 
+def text_ids(tok, data, default_source):
+    """The tokens to measure on: the whole --data file, or the held-out split of the corpus."""
+    if data:
+        text = load_text(data)
+        if not text.strip():
+            raise UsageError(f"--data {data!r} is empty: give a file with text to measure on.")
+        return np.asarray(tok.encode(text), dtype=np.int64)
+    return split_ids(tok.encode(load_text(default_source)))[1]
 
 
 def write_atomic(path, write):
@@ -132,14 +170,14 @@ def run_ab(args):
     (a_src, a_set), (b_src, b_set) = [(s.split("@", 1) + [None])[:2] for s in args.ab]
     models = []
     for src, setting in ((a_src, a_set), (b_src, b_set)):
-        params, cfg, tok, default_data, _ = ev.load_source(src, np.dtype(args.dtype))
+        params, cfg, tok, default_data, _ = load_source(src, np.dtype(args.dtype))
         if setting is None:
             plan = ev.uniform(cfg, cfg.sparsity, cfg.nm, label="as trained")
         else:
-            (s, nm), = ev.parse_settings(setting)
+            (s, nm), = parse_settings(setting)
             plan = ev.uniform(cfg, s, nm)
         models.append((src, params, cfg, tok, default_data, plan))
-    ids = [ev.text_ids(m[3], args.data, m[4]) for m in models]
+    ids = [text_ids(m[3], args.data, m[4]) for m in models]
     if len(ids[0]) != len(ids[1]) or not np.array_equal(ids[0], ids[1]):
         raise UsageError(f"--ab {a_src!r} and {b_src!r} tokenize the text differently, so their losses are not "
                          "on the same tokens: compare models that share a tokenizer.")
@@ -180,8 +218,8 @@ def run(args):
         write_atomic(os.path.join(report_dir, "ab.json"), lambda f: json.dump(result, f, indent=1))
         print(f"wrote {os.path.join(report_dir, 'ab.json')}")
         return
-    settings = ev.parse_settings(args.sparsity)
-    params, cfg, tok, default_data, _ = ev.load_source(source, np.dtype(args.dtype))
+    settings = parse_settings(args.sparsity)
+    params, cfg, tok, default_data, _ = load_source(source, np.dtype(args.dtype))
     trained = (cfg.sparsity, cfg.nm)
     if trained not in settings and trained != (0.0, None):
         settings.append(trained)
@@ -192,7 +230,7 @@ def run(args):
     if args.allocate_at is not None and ev.uniform(cfg, args.allocate_at).label not in topk:
         raise UsageError(f"--allocate_at {args.allocate_at} is not allowed: it must be one of the top-K "
                          f"sparsities of --sparsity ({', '.join(topk) or 'none'}).")
-    ids = ev.text_ids(tok, args.data, default_data)
+    ids = text_ids(tok, args.data, default_data)
     T = args.block or min(256, cfg.block_size)
     if not 2 <= T <= cfg.block_size:
         raise UsageError(f"--block {T} is not allowed: it must be in [2, block_size = {cfg.block_size}].")
@@ -271,10 +309,10 @@ def _allocate(args, params, cfg, calib, x, y, scores, plans, chosen, rows, idx):
         target = next(p for p in topk if p.label == chosen["setting"])
     else:
         target = max(topk, key=lambda p: p.spec(0, "qkv").sparsity)
-    groups = ev.units(cfg, args.allocate)
-    with tqdm(total=len(groups) * len(ev.LEVELS), desc="sensitivity", dynamic_ncols=True) as bar:
-        curves, base = ev.sensitivity(params, cfg, *calib, groups, FAST, progress=bar.update)
-    plan, levels = ev.allocate(cfg, groups, curves, base, ev.nominal_na(cfg, target))
+    groups = allocation.units(cfg, args.allocate)
+    with tqdm(total=len(groups) * len(allocation.LEVELS), desc="sensitivity", dynamic_ncols=True) as bar:
+        curves, base = allocation.sensitivity(params, cfg, *calib, groups, FAST, progress=bar.update)
+    plan, levels = allocation.allocate(cfg, groups, curves, base, ev.nominal_na(cfg, target))
     with tqdm(total=len(x), desc="scoring allocation", dynamic_ncols=True) as bar:
         s = ev.score(params, cfg, x, y, [plan], FAST, progress=bar.update)
     rows.extend(r for r in ev.summarize({"dense": scores["dense"], **s}, cfg, idx) if r["setting"] != "dense")

@@ -4,7 +4,8 @@ Writes a directory that transformers' LlamaForCausalLM.from_pretrained loads (mo
 config.json with the Q-Sparse settings under "qsparse", tokenizer.json); the name table and the
 layout changes are in minisparse/export.py. Loaded as it is, the model runs dense (the dense
 fallback); minisparse.export.install_qsparse_hooks makes it sparse again. --format gguf writes the
-dense SwiGLU model as one GGUF file instead, for llama.cpp (and pretrained.load_gguf). Examples:
+dense SwiGLU model as one GGUF file instead, for llama.cpp (and pretrained.load_gguf;
+minisparse/export_gguf.py). Examples:
     python export.py --out_dir out-tiny --to hf-tiny                # a run of train_tiny.py
     python export.py --init_from smollm2 --to hf-smollm2            # a LLaMA-family GGUF file
     python export.py --out_dir out-tiny --to hf-tiny --force        # replace a previous export
@@ -16,9 +17,9 @@ import dataclasses
 import os
 import sys
 
-from minisparse import export, pretrained, sft
+from minisparse import export, export_gguf, pretrained, sft
 from minisparse.errors import UsageError
-from minisparse.train import load_run
+from minisparse.run import load_run
 
 
 def build_parser():
@@ -39,7 +40,7 @@ def build_parser():
 
 def run(args):
     if args.format == "gguf":                                                          # before loading
-        export.check_gguf_target(args.to, args.force)
+        export_gguf.check_gguf_target(args.to, args.force)
     else:
         export.check_target(args.to, args.force, None if args.init_from else args.out_dir)
     template, chat = None, None
@@ -58,7 +59,7 @@ def run(args):
     if args.sparsity is not None:
         cfg = dataclasses.replace(cfg, sparsity=args.sparsity, nm=None)       # validates the value
     if args.format == "gguf":
-        path = export.export_gguf(params, cfg, tok, args.to, args.force, template, chat)
+        path = export_gguf.export_gguf(params, cfg, tok, args.to, args.force, template, chat)
         print(f"wrote {path}: GGUF llama, n_layer {cfg.n_layer}, n_embd {cfg.n_embd}, vocab_size "
               f"{cfg.vocab_size}, float32, dense (Q-Sparse settings under minisparse.qsparse)")
         return

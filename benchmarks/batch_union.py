@@ -42,7 +42,7 @@ from minisparse.errors import UsageError  # noqa: E402
 from minisparse.fast import FAST  # noqa: E402
 from minisparse.linear import SparseSpec, sparse_linear_forward  # noqa: E402
 from minisparse.model import SITE_WEIGHTS, SITES  # noqa: E402
-from minisparse.train import load_run  # noqa: E402
+from minisparse.run import load_run  # noqa: E402
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
 

@@ -28,7 +28,7 @@ CHILD = r"""
 import sys
 import numpy as np
 from minisparse import pretrained
-from minisparse.train import load_run
+from minisparse.run import load_run
 from minisparse.fast import FAST
 from minisparse.fast.decode import DecodeWeights
 from minisparse.sampling import generate

@@ -33,7 +33,7 @@ from minisparse.decode import new_cache  # noqa: E402
 from minisparse.fast import FAST, step as fast_step  # noqa: E402
 from minisparse.fast.decode import DecodeWeights  # noqa: E402
 from minisparse.model import SITES, head_weight, site_dims  # noqa: E402
-from minisparse.train import load_run  # noqa: E402
+from minisparse.run import load_run  # noqa: E402
 
 
 def measure(params, cfg, fast, ids, variants, rounds):

@@ -43,9 +43,10 @@ from minisparse import pretrained  # noqa: E402
 from minisparse.data import load_text, split_ids  # noqa: E402
 from minisparse.fast import FAST  # noqa: E402
 from minisparse.fast.decode import DecodeWeights  # noqa: E402
-from minisparse.model import GPTConfig  # noqa: E402
+from minisparse.config import GPTConfig  # noqa: E402
 from minisparse.sampling import generate  # noqa: E402
-from minisparse.train import TrainConfig, load_run, train  # noqa: E402
+from minisparse.run import TrainConfig, load_run  # noqa: E402
+from minisparse.train import train  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS = os.path.join(HERE, "fallback", "runs")       # the tiny models (not committed: .gitignore)

@@ -23,8 +23,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from minisparse import scaling                             # noqa: E402
 from minisparse.errors import UsageError                    # noqa: E402
-from minisparse.model import GPTConfig                      # noqa: E402
-from minisparse.train import TrainConfig, train             # noqa: E402
+from minisparse.config import GPTConfig                     # noqa: E402
+from minisparse.run import TrainConfig                      # noqa: E402
+from minisparse.train import train                          # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # (n_layer, n_embd, n_head): head size 32; N = 106k, 221k, 602k, 1.27M projection weights (12x)

@@ -30,7 +30,7 @@ from minisparse import backend, model, sft  # noqa: E402
 from minisparse.fast import FAST  # noqa: E402
 from minisparse.pretrained import load_gguf  # noqa: E402
 from minisparse.sampling import generate  # noqa: E402
-from minisparse.train import load_run, read_metrics  # noqa: E402
+from minisparse.run import load_run, read_metrics  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

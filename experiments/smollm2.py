@@ -36,7 +36,7 @@ from minisparse.fast import rowsparse as fast_rowsparse  # noqa: E402
 from minisparse.fast.decode import DecodeWeights  # noqa: E402
 from minisparse.linear import SparseSpec  # noqa: E402
 from minisparse.sampling import generate  # noqa: E402
-from minisparse.train import load_run, read_metrics  # noqa: E402
+from minisparse.run import load_run, read_metrics  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EVAL_TOKENS = 1024

@@ -18,7 +18,7 @@ percentiles of the statistic are the 95% interval. Tokens within a window are no
 independent; windows, far apart in the text, nearly are.
 
 A sparsity setting is a Plan: one SparseSpec per (layer, site). A uniform plan applies one
-sparsity everywhere (the programs' --sparsity); `allocate` builds a non-uniform one from
+sparsity everywhere (the programs' --sparsity); allocation.py builds a non-uniform one from
 sensitivity curves measured on a calibration set, and `fallback_thresholds` calibrates the
 prompt-loss rule of generate.py --fallback auto.
 """
@@ -37,14 +37,10 @@ from .backend import to_numpy
 from .errors import UsageError
 from .linear import sparse_linear_forward, zero_fraction
 from .model import SITE_WEIGHTS, SITES
-from .data import load_text, split_ids
 from .fast import FAST
 from .fast.decode import decode_weights
-from .flags import parse_nm
-from .pretrained import is_pretrained_source, load_gguf
+from .pretrained import is_pretrained_source
 from .sampling import generate
-from .topk import kept_count
-from .train import load_run
 
 BOOTSTRAP = 2000                  # resamples: the interval's ends move by well under its width
 
@@ -278,85 +274,6 @@ def choose(rows, budget):
 
 
 # ----------------------------------------------------------------------------------------
-# per-layer / per-site allocation at the same N_a
-
-LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-
-
-def units(cfg, by):
-    """Groups of (layer, site) that share one sparsity: by 'layer', 'site' or 'layer_site'."""
-    L = range(cfg.n_layer)
-    if by == "layer":
-        return {f"layer {l}": [(l, s) for s in SITES] for l in L}
-    if by == "site":
-        return {s: [(l, s) for l in L] for s in SITES}
-    if by == "layer_site":
-        return {f"{l}.{s}": [(l, s)] for l in L for s in SITES}
-    raise UsageError(f"--allocate {by!r} is not known: use 'layer', 'site' or 'layer_site'.")
-
-
-def sensitivity(params, cfg, x, y, groups, ops, levels=LEVELS, progress=None):
-    """Mean calibration loss with one group sparsified at each level and the rest dense:
-    {group: {level: loss}}, and the dense loss."""
-    dense = uniform(cfg)
-    base = float(score_loss(params, cfg, x, y, dense, ops))
-    curves = {}
-    for g, members in groups.items():
-        curves[g] = {}
-        for s in levels:
-            specs = dict(dense.specs)
-            specs.update({m: cfg.spec_at(s) for m in members})
-            curves[g][s] = float(score_loss(params, cfg, x, y, Plan(specs, g), ops))
-            if progress is not None:
-                progress(1)
-    return curves, base
-
-
-def score_loss(params, cfg, x, y, plan, ops, batch=None):
-    """Mean next-token loss of one plan on the windows (no dense comparison)."""
-    W, T = x.shape
-    batch = batch or windows_per_forward(W, T, cfg.vocab_size)
-    total = 0.0
-    for s in range(0, W, batch):
-        lp = log_softmax(plan_forward(params, cfg, x[s:s + batch], plan, ops))
-        total += -np.take_along_axis(lp, y[s:s + batch][..., None], axis=-1).sum()
-    return total / x.size
-
-
-def allocate(cfg, groups, curves, base, target_na, levels=LEVELS):
-    """Greedy: start dense; repeatedly raise the one group whose next step costs the least loss per
-    weight saved, until N_a <= target_na. Assumes the groups' losses add (each curve was measured with
-    the others dense), which the held-out comparison then checks. -> Plan."""
-    dims = model.site_dims(cfg)
-
-    def saved(members, s):
-        return sum((dims[site][0] - kept_count(dims[site][0], s)) * dims[site][1] for (_, site) in members)
-
-    level = {g: 0.0 for g in groups}
-    cost = {g: {0.0: base, **curves[g]} for g in groups}
-    na = nominal_na(cfg, uniform(cfg))                  # dense
-    while na > target_na:
-        best = None
-        for g, members in groups.items():
-            for s in levels:
-                if s <= level[g]:
-                    continue
-                gain = saved(members, s) - saved(members, level[g])
-                if gain <= 0:
-                    continue
-                ratio = (cost[g][s] - cost[g][level[g]]) / gain
-                if best is None or ratio < best[0]:
-                    best = (ratio, g, s, gain)
-        if best is None:
-            break                                    # every group at the highest level
-        _, g, s, gain = best
-        level[g] = s
-        na -= gain
-    specs = {m: cfg.spec_at(level[g]) for g, members in groups.items() for m in members}
-    return Plan(specs, "allocated"), level
-
-
-# ----------------------------------------------------------------------------------------
 # the fallback rule's calibration
 
 PROMPT_LENGTHS = (8, 16, 32, 64, 128, 256)
@@ -436,7 +353,7 @@ def find_span(ids, part):
 
 
 # ----------------------------------------------------------------------------------------
-# evaluate.py's inputs: models, texts, settings; and decode speed
+# where a report lives; decode speed
 
 def default_report_dir(source):
     """Where evaluate.py writes, and generate.py --fallback auto reads, a model's report:
@@ -444,45 +361,6 @@ def default_report_dir(source):
     if is_pretrained_source(source):
         return "eval-" + os.path.splitext(os.path.basename(str(source)))[0]
     return os.path.join(source, "eval")
-
-
-def parse_settings(text):
-    """'0,0.5,16:32' -> [(0.0, None), (0.5, None), (0.0, (16, 32))]."""
-    out = []
-    for item in str(text).split(","):
-        item = item.strip()
-        if ":" in item:
-            out.append((0.0, parse_nm(item)))
-            continue
-        try:
-            s = float(item)
-        except ValueError:
-            s = float("nan")
-        if not 0 <= s < 1:
-            raise UsageError(f"--sparsity item {item!r} is not allowed: give top-K sparsities in [0, 1) or "
-                             "N:M blocks such as 16:32, separated by commas.")
-        out.append((s, None))
-    return out
-
-
-def load_source(source, dtype=np.float32):
-    """A run directory, 'smollm2' or a .gguf file -> (params in `dtype`, cfg, tokenizer, data source,
-    template)."""
-    if is_pretrained_source(source):
-        params, cfg, tok, template = load_gguf(source, block_size=256, dtype=dtype)
-        return params, cfg, tok, "pydoc", template
-    params, _, cfg, tok, meta = load_run(source, dtype)
-    return params, cfg, tok, meta.get("train", {}).get("data", "pydoc"), None
-
-
-def text_ids(tok, data, default_source):
-    """The tokens to measure on: the whole --data file, or the held-out split of the corpus."""
-    if data:
-        text = load_text(data)
-        if not text.strip():
-            raise UsageError(f"--data {data!r} is empty: give a file with text to measure on.")
-        return np.asarray(tok.encode(text), dtype=np.int64)
-    return split_ids(tok.encode(load_text(default_source)))[1]
 
 
 def decode_speed(params, cfg, prompt, plans, n_tokens, rounds):

@@ -20,8 +20,10 @@ the backward above is unchanged: dW_i is the latent weight's gradient, and dx fl
 Q(xs) to xs as if it were the identity.
 
 Sparsity 0 and no N:M means dense: no mask is made and x is used as it is.
-The spec also reports what the paper's Table 2 measures: the fraction of zeros that
-actually reached the projection (top-K zeros plus any zeros already in x, e.g. ReLU2's).
+The forward does not measure sparsity; the spec only says what is asked for (kept() gives the
+nominal count). What the paper's Table 2 measures, the fraction of zeros that actually reached
+the projection (top-K zeros plus any zeros already in x, e.g. ReLU2's), is computed only when
+asked, by zero_fraction(cache), from the xs the forward cached (model.measured_sparsity calls it).
 """
 
 from dataclasses import dataclass

@@ -6,9 +6,11 @@ inside every block, keeping exactly `keep` of each:
     x: (N, D)  ->  (N, D / block, block)  ->  TopK(|.|, keep) per block  ->  (N, D)
 
 so every token and every block keeps the same count, the pattern batch kernels need.
-The paper writes N:M with N the *zeros* ("16:32" = 16 zeroed of 32); this code names
-the kept count instead: keep=16, block=32 is 50% sparsity. Ties are broken as in
-topk.py (lower index first). The backward is the same straight-through estimator.
+The paper calls this N:M without settling whether N counts the kept or the zeroed entries
+(its one example, 16:32 at 50%, reads the same either way; docs/qsparse.md, Sec. 4). This
+code makes a choice and names the kept count: keep=16, block=32 is 50% sparsity, and
+keep=8, block=32 (--nm 8:32) is 75%. Ties are broken as in topk.py (lower index first).
+The backward is the same straight-through estimator.
 """
 
 from .backend import array_module

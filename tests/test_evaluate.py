@@ -16,10 +16,10 @@ import pytest
 import evaluate as evaluate_program
 import generate
 import train_tiny
-from minisparse import evaluate as ev
+from minisparse import allocation, evaluate as ev
 from minisparse import model
 from minisparse.errors import UsageError
-from minisparse.train import load_run
+from minisparse.run import load_run
 from conftest import write_corpus
 from test_programs import assert_one_sentence, call, tiny, watch_last_only
 
@@ -210,26 +210,26 @@ def test_choose_takes_the_sparsest_setting_whose_upper_end_is_within():
 
 def test_allocation_spends_the_sparsity_where_it_costs_least():
     cfg = small_cfg(n_layer=3)
-    groups = ev.units(cfg, "layer")
+    groups = allocation.units(cfg, "layer")
     # layer 1 is free to sparsify, layers 0 and 2 cost loss: the allocation must go to layer 1 first
-    curves = {g: {s: 1.0 + (0.0 if g == "layer 1" else s) for s in ev.LEVELS} for g in groups}
+    curves = {g: {s: 1.0 + (0.0 if g == "layer 1" else s) for s in allocation.LEVELS} for g in groups}
     target = ev.nominal_na(cfg, ev.uniform(cfg, 0.3))
-    plan, levels = ev.allocate(cfg, groups, curves, 1.0, target)
-    assert levels["layer 1"] == max(ev.LEVELS)
+    plan, levels = allocation.allocate(cfg, groups, curves, 1.0, target)
+    assert levels["layer 1"] == max(allocation.LEVELS)
     assert ev.nominal_na(cfg, plan) <= target
-    assert plan.spec(1, "down").sparsity == max(ev.LEVELS) and plan.spec(0, "qkv").sparsity <= 0.3
+    assert plan.spec(1, "down").sparsity == max(allocation.LEVELS) and plan.spec(0, "qkv").sparsity <= 0.3
     with pytest.raises(UsageError, match="--allocate"):
-        ev.units(cfg, "heads")
+        allocation.units(cfg, "heads")
 
 
 def test_sensitivity_curves_are_the_loss_with_one_group_sparse(toy):
     params, cfg, x, y = toy
-    groups = ev.units(cfg, "site")
-    curves, base = ev.sensitivity(params, cfg, x, y, groups, model.REFERENCE, levels=(0.5,))
+    groups = allocation.units(cfg, "site")
+    curves, base = allocation.sensitivity(params, cfg, x, y, groups, model.REFERENCE, levels=(0.5,))
     assert abs(base - ev.score(params, cfg, x, y, [])["dense"].loss.mean()) < 1e-12
     specs = dict(ev.uniform(cfg).specs)
     specs.update({(l, "o"): cfg.spec_at(0.5) for l in range(cfg.n_layer)})
-    want = ev.score_loss(params, cfg, x, y, ev.Plan(specs, "o"), model.REFERENCE)
+    want = allocation.score_loss(params, cfg, x, y, ev.Plan(specs, "o"), model.REFERENCE)
     assert curves["o"][0.5] == want and want != base
 
 

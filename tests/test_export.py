@@ -21,7 +21,7 @@ import pytest
 
 import export as export_program
 import train_tiny
-from minisparse import export, model, pretrained, sft
+from minisparse import export, export_gguf, model, pretrained, sft
 from minisparse.data import CharTokenizer
 from minisparse.errors import UsageError
 
@@ -330,7 +330,7 @@ def one_sentence(rc, err, *needles):
 
 
 def test_program_exports_a_run(run_dir, tmp_path, capsys):
-    from minisparse.train import load_run
+    from minisparse.run import load_run
     to = tmp_path / "hf"
     rc, out, err = call(["--out_dir", run_dir, "--to", to], capsys)
     assert rc == 0, err
@@ -443,7 +443,7 @@ def test_gguf_export_reads_back_with_load_gguf(kw, tmp_path):
     ternary weights) gives minisparse's dense logits; the tokenizer comes back the same."""
     tok = bpe_tokenizer()
     cfg, params = tiny_model(activation="swiglu", vocab_size=tok.vocab_size, **kw)
-    path = export.export_gguf(params, cfg, tok, tmp_path / "m.gguf")
+    path = export_gguf.export_gguf(params, cfg, tok, tmp_path / "m.gguf")
     back, cfg2, tok2, _ = pretrained.load_gguf(str(path), block_size=cfg.block_size)
     assert (cfg2.n_kv_head, cfg2.tie_embeddings, cfg2.rope_layout) == (cfg.n_kv_head, cfg.tie_embeddings, "pairs")
     text = "the red dog ran to a big box and sat"
@@ -468,7 +468,7 @@ def test_gguf_export_of_a_finetuned_bpe_model_keeps_its_added_tokens(tmp_path):
     assert tok.vocab_size == V + 2
     cfg, params = tiny_model(activation="swiglu", vocab_size=tok.vocab_size)
     end = sft.TINY.end_id(tok)
-    path = export.export_gguf(params, cfg, tok, tmp_path / "m.gguf", chat=sft.TINY)
+    path = export_gguf.export_gguf(params, cfg, tok, tmp_path / "m.gguf", chat=sft.TINY)
     import gguf
     r = gguf.GGUFReader(str(path))
     assert r.fields["tokenizer.ggml.eos_token_id"].contents() == end == V + 1
@@ -482,12 +482,12 @@ def test_gguf_export_of_a_finetuned_bpe_model_keeps_its_added_tokens(tmp_path):
 def test_gguf_export_refuses_what_llama_cpp_cannot_run(tmp_path):
     cfg, params = tiny_model()                                           # relu2
     with pytest.raises(UsageError, match="needs a SwiGLU model"):
-        export.export_gguf(params, cfg, bpe_tokenizer(), tmp_path / "m.gguf")
+        export_gguf.export_gguf(params, cfg, bpe_tokenizer(), tmp_path / "m.gguf")
     cfg, params = tiny_model(activation="swiglu")
     with pytest.raises(UsageError, match="needs a byte-level BPE tokenizer, and this run's is 'char'"):
-        export.export_gguf(params, cfg, CharTokenizer(CHARS), tmp_path / "m.gguf")
+        export_gguf.export_gguf(params, cfg, CharTokenizer(CHARS), tmp_path / "m.gguf")
     with pytest.raises(UsageError, match="ending in .gguf"):
-        export.export_gguf(params, cfg, bpe_tokenizer(), tmp_path / "m.bin")
+        export_gguf.export_gguf(params, cfg, bpe_tokenizer(), tmp_path / "m.bin")
     assert os.listdir(tmp_path) == []
 
 

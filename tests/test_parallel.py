@@ -158,8 +158,9 @@ def test_forward_loss_without_threadpoolctl_runs_whole(monkeypatch):
 
 
 def test_estimate_loss_split_equals_the_readable_path():
-    """train.estimate_loss, as the programs run it (threads) and as --reference runs it (None)."""
-    from minisparse.train import TrainConfig, estimate_loss
+    """batches.estimate_loss, as the programs run it (threads) and as --reference runs it (None)."""
+    from minisparse.batches import estimate_loss
+    from minisparse.run import TrainConfig
     cfg, params, _, _ = setup(0.5)
     ids = np.random.default_rng(3).integers(0, 11, 200)
     data = {"train": ids[:150], "val": ids[150:]}

@@ -28,11 +28,11 @@ import train_tiny
 from minisparse import checkpoint, model
 from minisparse.fast import FAST
 from minisparse.fast import rowsparse as fast_rowsparse
-from minisparse import train as mtrain
+from minisparse import batches as mbatches, run as mrun, train as mtrain
 from minisparse.checkpoint import load_checkpoint, save_checkpoint
 from minisparse.data import load_text, split_ids
 from minisparse.schedule import lr_at
-from minisparse.train import read_metrics
+from minisparse.run import read_metrics
 from conftest import write_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,18 +89,18 @@ def ckpt(out_dir):
 class Interrupt:
     """Deliver a real SIGINT to this process during the n-th *training* batch of train().
 
-    estimate_loss also calls get_batch (eval_iters batches per split at every evaluation), so
+    The evaluation also calls get_batch (eval_iters batches per split at every evaluation), so
     counting every call would tie n to the evaluation schedule. Only calls whose caller is
-    train() itself are counted (the frame's code object is train's), so n is the training
-    step index + 1 whatever eval_interval and eval_iters are. The loop's handler then lets
-    that step finish, saves at iter n and stops."""
+    TextBatches.next, the training step's batch, are counted (the frame's code object is
+    next's), so n is the training step index + 1 whatever eval_interval and eval_iters are.
+    The loop's handler then lets that step finish, saves at iter n and stops."""
 
     def __init__(self, monkeypatch, n):
-        self.n, self.count, self.real = n, 0, mtrain.get_batch
-        monkeypatch.setattr(mtrain, "get_batch", self)
+        self.n, self.count, self.real = n, 0, mbatches.get_batch
+        monkeypatch.setattr(mbatches, "get_batch", self)
 
     def __call__(self, *args, **kwargs):
-        if sys._getframe(1).f_code is mtrain.train.__code__:
+        if sys._getframe(1).f_code is mbatches.TextBatches.next.__code__:
             self.count += 1
             if self.count == self.n:
                 os.kill(os.getpid(), signal.SIGINT)
@@ -256,19 +256,19 @@ def test_continue_training_starts_from_the_dense_weights(corpus, dense_run, tmp_
     assert (meta["model"]["n_embd"], meta["model"]["n_layer"], meta["model"]["block_size"]) == (16, 1, 16)
 
     # the iter-0 evaluation must be the dense run's weights evaluated at 50% sparsity
-    src_params, _, src_cfg, tok, _ = mtrain.load_run(str(dense_run))
+    src_params, _, src_cfg, tok, _ = mrun.load_run(str(dense_run))
     assert src_cfg.sparsity == 0.0
     cfg = model.GPTConfig.from_dict(meta["model"])
-    tc = mtrain.TrainConfig.from_dict(meta["train"])
+    tc = mrun.TrainConfig.from_dict(meta["train"])
     train_ids, val_ids = split_ids(tok.encode(load_text(str(corpus))))
     data = {"train": train_ids, "val": val_ids}
-    expected = mtrain.estimate_loss(src_params, cfg, data, tc, 0, FAST)     # the ops train.py runs
+    expected = mbatches.estimate_loss(src_params, cfg, data, tc, 0, FAST)     # the ops train.py runs
     first = read_metrics(other)[1][0]
     assert first["iter"] == 0
     assert (first["train_loss"], first["val_loss"]) == (expected["train"], expected["val"])
     # ... and not a fresh initialisation, nor the dense model left dense
-    fresh = mtrain.estimate_loss(model.init_params(cfg, seed=tc.seed), cfg, data, tc, 0)
-    dense = mtrain.estimate_loss(src_params, src_cfg, data, tc, 0)
+    fresh = mbatches.estimate_loss(model.init_params(cfg, seed=tc.seed), cfg, data, tc, 0)
+    dense = mbatches.estimate_loss(src_params, src_cfg, data, tc, 0)
     assert first["val_loss"] != fresh["val"] and first["val_loss"] != dense["val"]
     assert first["val_loss"] < fresh["val"] - 0.05, (first["val_loss"], fresh["val"])
 
@@ -389,6 +389,42 @@ def test_reference_runs_train_and_decode_on_the_readable_ops_alone(corpus, tmp_p
     rc, fast_out, _ = call(generate, ["--out_dir", ref_dir, "--prompt", "the ", "--max_new_tokens", 20,
                                       "--temperature", 0], capsys)
     assert rc == 0 and fast_out == out                               # greedy text: the same tokens
+
+
+def test_debug_preset_stops_first_in_the_training_step_and_writes_only_out_debug(corpus, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """python train_tiny.py --debug: a breakpoint in topk_mask first stops in train_step's forward, not
+    in an evaluation; the run writes out-debug/ and nothing else (never out-tiny/); plain log lines, no
+    tqdm bar to garble pdb's prompt. The first call is caught with sys.setprofile, as a debugger would
+    see it, the stack read from its frame."""
+    from minisparse import topk
+    monkeypatch.chdir(tmp_path)
+    first = []
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code is topk.topk_mask.__code__ and not first:
+            while frame is not None:
+                first.append(frame.f_code)
+                frame = frame.f_back
+
+    sys.setprofile(profile)
+    try:
+        rc, out, err = call(train_tiny, ["--debug", "--data", corpus, *TINY[:8]], capsys)   # a tiny model
+    finally:
+        sys.setprofile(None)
+    assert rc == 0, err
+    assert first, "topk_mask was never called"
+    names = [code.co_name for code in first]
+    assert mtrain.train_step.__code__ in first and model.forward_backward.__code__ in first, names
+    assert mbatches.text_estimate.__code__ not in first, f"the first topk_mask call is an evaluation's: {names}"
+    assert sorted(os.listdir(tmp_path)) == ["out-debug"], os.listdir(tmp_path)
+    assert sorted(os.listdir(tmp_path / "out-debug")) == ["ckpt.npz", "metrics.jsonl"]
+    t = load_checkpoint(ckpt(tmp_path / "out-debug"))[2]["train"]
+    assert (t["reference"], t["threads"], t["max_iters"], t["eval_at_start"], t["bar"]) == (True, 1, 5, False, False)
+    steps, evals = losses(tmp_path / "out-debug")
+    assert [s[0] for s in steps] == [0, 1, 2, 3, 4] and [e[0] for e in evals] == [5]   # no evaluation at iter 0
+    assert [l.split(":")[0] for l in out.splitlines() if l.startswith("iter ")] == [f"iter {i}" for i in range(6)]
+    assert "it/s" not in err and "train:" not in err, err                               # no tqdm bar
 
 
 def test_158_bit_run_trains_records_its_precision_and_decodes(corpus, tmp_path, capsys):
@@ -655,7 +691,7 @@ def cli(script, *args):
 def test_cli_help_lists_every_flag():
     r = cli("train_tiny.py", "--help")
     assert r.returncode == 0, r.stderr
-    for f in fields(mtrain.TrainConfig) + fields(model.GPTConfig):
+    for f in fields(mrun.TrainConfig) + fields(model.GPTConfig):
         if f.name != "model":
             assert f"--{f.name}" in r.stdout, f"--{f.name} missing from --help"
     assert "--no_ste" in r.stdout

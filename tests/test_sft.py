@@ -16,7 +16,7 @@ from minisparse import model, sft
 from minisparse.data import CharTokenizer, tokenizer_from_dict
 from minisparse.errors import UsageError
 from minisparse.loss import IGNORE
-from minisparse.train import load_run, read_metrics
+from minisparse.run import load_run, read_metrics
 from conftest import write_corpus
 from test_programs import assert_one_sentence, call, losses, tiny
 
@@ -255,7 +255,6 @@ def test_sft_resume_equals_a_run_that_never_stopped(pre_run, qa_file, tmp_path, 
     a, b = tmp_path / "a", tmp_path / "b"
     argv = ["--init_from", pre_run, "--sft", qa_file, *SFT_TINY, "--max_iters", 6]
     assert call(train_tiny, [*argv, "--out_dir", a], capsys)[0] == 0
-    import minisparse.train as mtrain
     stop = {"n": 0}
     real = sft.batch_at
 
@@ -264,7 +263,7 @@ def test_sft_resume_equals_a_run_that_never_stopped(pre_run, qa_file, tmp_path, 
         if stop["n"] == 3:
             os.kill(os.getpid(), 2)
         return real(*args, **kw)
-    monkeypatch.setattr(mtrain.sft, "batch_at", interrupting)
+    monkeypatch.setattr(sft, "batch_at", interrupting)
     rc, out, _ = call(train_tiny, [*argv, "--out_dir", b], capsys)
     monkeypatch.undo()
     assert rc == 0 and "interrupted: saved the run at iter 3" in out

@@ -140,7 +140,8 @@ def test_training_with_workers_writes_the_metrics_of_training_with_threads(tmp_p
     room for them, so the parts run as fast/parallel.py's threads (and the log says why): every line
     of metrics.jsonl equal but the speed, the checkpoints equal."""
     from minisparse.checkpoint import load_checkpoint
-    from minisparse.train import TrainConfig, train
+    from minisparse.run import TrainConfig
+    from minisparse.train import train
 
     def run(out, free):
         started, said = [], []
@@ -233,7 +234,8 @@ def test_training_whose_workers_cannot_start_restores_ctrl_c(tmp_path, monkeypat
     """Workers fail to start (say, no shared memory): train() raises that error, and its Ctrl-C
     handler is gone again, as after any other failure inside the run."""
     import signal
-    from minisparse.train import TrainConfig, train
+    from minisparse.run import TrainConfig
+    from minisparse.train import train
 
     def fail(*a, **k):
         raise OSError("no shared memory here")
