@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -36,8 +36,9 @@
 # 2. derives K from the sparsity S (`kept_count`);
 # 3. handles ties and rows of exact zeros, and checks the mask against an independent
 #    top-K by sorting;
-# 4. derives both backward rules by hand (`topk_backward`, and the projection's
-#    `sparse_linear_backward` in `minisparse/linear.py`);
+# 4. applies both backward rules by hand (`topk_backward`, and the projection's
+#    `sparse_linear_backward` in `minisparse/linear.py`; lesson 03 derives the projection's
+#    own backward);
 # 5. measures per-layer gradient norms with STE, without STE and dense: the paper's
 #    Fig. 2 at tiny scale, at initialisation and after a short training run;
 # 6. ends by asserting that every hand derivation equals the package's result.
@@ -91,13 +92,17 @@ plt.show()
 # %% [markdown]
 # Each row of the mask has exactly K ones, in different places: the union of the rows'
 # choices covers nearly every channel, which is why a batch kernel cannot simply skip
-# columns (Block Q-Sparse, lesson 06, is the answer to that).
+# columns. Block Q-Sparse (lesson 06) does not change that: there a batch of 8 random tokens
+# needs 100% of the columns under top-K and under N:M alike, and a trained model's real
+# activations come close behind. What N:M gives a batched kernel instead is regular work,
+# the same number of kept channels in every block of every token.
 #
-# How `topk_mask` finds them: `np.sort(|x|)` puts the K-th largest |x| of each row at
-# position D − K (`kth_largest`; a partition would be O(D) instead of O(D log D), but
-# NumPy's vectorized sort measured faster at these widths); entries strictly above that
-# threshold are kept, and entries *equal* to it are kept only as far as places remain
-# (section 3).
+# How `topk_mask` (`minisparse/topk.py`) finds them: `np.sort(|x|)` puts the K-th largest
+# |x| of each row at position D − K; entries strictly above that threshold are kept, and
+# entries *equal* to it are kept only as far as places remain (section 3). A partition
+# would be O(D) instead of O(D log D), but NumPy's vectorized sort measured faster at these
+# widths, so the fast path sorts too (`kth_largest` in `minisparse/fast/topk.py`;
+# benchmarks/RESULTS.md).
 #
 # ## 2. K from the sparsity
 #
@@ -226,12 +231,11 @@ print("'ties' rows, k = 7: entries kept per row", topk_mask(xr, 7).sum(axis=-1),
 # %% [markdown]
 # ## 4. The backward pass: masked (Eq. 12) and straight-through (Eq. 13)
 #
-# Take one projection `y = xs · Wᵀ` with `xs = x ⊙ mask`. Given the upstream gradient
-# `dy` (N, O), the chain rule gives the gradient at the sparsified input
-#
-#     dxs = dy · W                                                     (N, D)
-#
-# and the two rules for the last step, from `xs` back to `x`:
+# Take one projection `y = xs · Wᵀ` with `xs = x ⊙ mask` and upstream gradient `dy` (N, O).
+# The projection's own backward, `dxs = dy · W` (N, D) and `dW = dyᵀ · xs`, is derived in
+# lesson 03 (section 2), checked there against finite differences, and left there as an
+# exercise; this lesson takes `dxs` from it. What concerns top-K is the last step, from `xs`
+# back to `x`, and there the two rules differ:
 #
 # - Eq. 12, the true derivative of `x ⊙ mask` for a fixed mask: `dx = dxs ⊙ mask`. The
 #   D − K dropped channels of every token get **no** gradient, so the layer below never
@@ -242,7 +246,8 @@ print("'ties' rows, k = 7: entries kept per row", topk_mask(xr, 7).sum(axis=-1),
 #
 # `minisparse/topk.py`, `topk_backward(dxs, mask, ste)` is these two lines;
 # `minisparse/linear.py`, `sparse_linear_backward` calls it after computing `dxs`. Below
-# we derive both by hand and look at which entries of `dx` survive.
+# we apply both rules by hand, compare with the package, and look at which entries of `dx`
+# survive.
 
 # %%
 rng = np.random.default_rng(2)
@@ -254,12 +259,9 @@ K4 = kept_count(D_, 0.5)
 
 # by hand
 mask_hand = topk_mask_by_sort(x4, K4)                      # (1, N, D)
-xs_hand = x4 * mask_hand
-y_hand = xs_hand @ W4.T                                    # (1, N, O)
-dxs_hand = dy4 @ W4                                        # y = xs W^T  ->  dxs = dy W
+dxs_hand = dy4 @ W4                                        # the projection's backward (lesson 03)
 dx_ste_hand = dxs_hand                                     # Eq. 13
 dx_masked_hand = dxs_hand * mask_hand                      # Eq. 12
-dW_hand = dy4[0].T @ xs_hand[0]                            # y = xs W^T  ->  dW = dy^T xs
 
 # the package
 outs = {}
@@ -267,7 +269,6 @@ for ste in (True, False):
     (y_pkg,), cache = sparse_linear_forward(x4, [W4], SparseSpec(0.5, ste=ste))
     dx_pkg, (dW_pkg,) = sparse_linear_backward([dy4], cache)
     outs[ste] = (y_pkg, dx_pkg, dW_pkg)
-print("max |y_hand - y_pkg|              :", np.abs(y_hand - outs[True][0]).max())
 print("max |dx_ste_hand - dx_pkg(STE)|   :", np.abs(dx_ste_hand - outs[True][1]).max())
 print("max |dx_masked_hand - dx_pkg(Eq12)|:", np.abs(dx_masked_hand - outs[False][1]).max())
 print("fraction of dx entries that are exactly zero: STE",
@@ -516,8 +517,8 @@ for S_ in (0.5, 0.8):
 # - `kept_count` equals `K_by_hand`;
 # - STE backward equals the upstream gradient exactly (`topk_backward`, and the
 #   projection's `dx` equals `dy · W`); the masked backward equals upstream × mask;
-# - the projection's forward and weight gradient equal the hand formulas, and `dW` is
-#   the same under both rules;
+# - `dW` is the same under both rules (lesson 03 checks the projection's forward and `dW`
+#   themselves);
 # - in the model at the same weights, STE and no-STE have the same loss and the same
 #   top-block `w_down` and LM-head gradients (nothing masked lies above them).
 
@@ -541,11 +542,9 @@ dxs_rand = np.random.default_rng(3).standard_normal(x.shape)
 np.testing.assert_array_equal(topk_backward(dxs_rand, mask, ste=True), dxs_rand)            # Eq. 13
 np.testing.assert_array_equal(topk_backward(dxs_rand, mask, ste=False), dxs_rand * mask)    # Eq. 12
 
-# the projection, forward and backward, against the hand formulas (float64: 1e-12)
-np.testing.assert_allclose(outs[True][0], y_hand, rtol=0, atol=1e-12)
+# the projection's dx under each rule, against the rules applied by hand (float64: 1e-12)
 np.testing.assert_allclose(outs[True][1], dx_ste_hand, rtol=0, atol=1e-12)
 np.testing.assert_allclose(outs[False][1], dx_masked_hand, rtol=0, atol=1e-12)
-np.testing.assert_allclose(outs[True][2], dW_hand, rtol=0, atol=1e-12)
 np.testing.assert_array_equal(outs[True][2], outs[False][2])                # dW: the rule does not touch it
 
 # the model at the same weights: same forward, same gradients above every mask

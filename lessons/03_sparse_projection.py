@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -27,8 +27,9 @@
 # calls it at four sites per block (`minisparse/model.py`, `SITES`): `qkv`, `o`, `up_gate`,
 # `down`.
 #
-# This lesson derives the backward pass by hand, writes it in plain NumPy, and checks it
-# three ways: against the package (float64, to rounding), against centred finite
+# This lesson derives the backward pass by hand, asks you to write it in plain NumPy (an
+# exercise with a checker; the answer is in `lessons/solutions/sparse_projection.py`), and
+# checks it three ways: against the package (float64, to rounding), against centred finite
 # differences where the function is smooth (sparsity 0), and, for the straight-through
 # estimator (STE), by its definition, because finite differences *cannot* check an STE.
 # Then it shows what the package reports as measured sparsity and counts the
@@ -39,7 +40,7 @@ import numpy as np
 import matplotlib.pyplot as plt
 
 from minisparse.linear import SparseSpec, sparsify, sparse_linear_forward, sparse_linear_backward, zero_fraction
-from minisparse.topk import kept_count, topk_backward
+from minisparse.topk import kept_count, topk_backward, topk_mask
 from minisparse import model
 from minisparse.fast import topk as fast_topk
 # the same centred finite differences and error measure as the tests use
@@ -64,9 +65,10 @@ rng = np.random.default_rng(0)
 # $$Y_{n o} = \sum_{c=1}^{C} X_{s,nc}\, W_{oc}, \qquad X_{s,nc} = X_{nc}\,\mathrm{Mask}_{nc}.$$
 #
 # K comes from the sparsity S as `K = C - floor(S·C + 1/2)` (`minisparse/topk.py`,
-# `kept_count`). Our hand mask uses a stable sort of $-\lvert X\rvert$, so ties keep the
-# lower channel index, the rule `topk_mask` documents; it is an independent
-# implementation of the same definition.
+# `kept_count`). The mask itself is `topk_mask` (`minisparse/topk.py`): lesson 01
+# (section 3) writes an independent stable-sort top-K and checks `topk_mask` against it on
+# ties, zeros and identical rows, so this lesson takes the mask as given and writes the
+# projection around it by hand.
 
 # %%
 B, T, C, O = 2, 3, 8, 5
@@ -78,16 +80,8 @@ X = rng.standard_normal((B, T, C))            # (B, T, C)
 W = rng.standard_normal((O, C))               # (O, C)
 
 
-def hand_mask(X, K):
-    """Mask (..., C): True at the K largest |X| of each row; stable sort = lower index wins ties."""
-    order = np.argsort(-np.abs(X), axis=-1, kind="stable")   # (..., C) channels, largest |X| first
-    mask = np.zeros(X.shape, dtype=bool)
-    np.put_along_axis(mask, order[..., :K], True, axis=-1)
-    return mask
-
-
 def hand_forward(X, W, K):
-    Mask = hand_mask(X, K)                    # (B, T, C)
+    Mask = topk_mask(X, K)                    # (B, T, C), checked in lesson 01
     Xs = X * Mask                             # (B, T, C)
     Y = np.einsum("btc,oc->bto", Xs, W)       # (B, T, O): Y[n, o] = sum_c Xs[n, c] W[o, c]
     return Y, Xs, Mask
@@ -147,23 +141,84 @@ plt.tight_layout(); plt.show()
 #
 # `minisparse/linear.py`, `sparse_linear_backward` computes $dW$ and $dX_s$;
 # `minisparse/topk.py`, `topk_backward` turns $dX_s$ into $dX$ (`ste=True`: Eq. 13;
-# `ste=False`: Eq. 12). Below, the same three lines in plain NumPy, with `einsum` so each sum
-# is spelled out.
+# `ste=False`: Eq. 12).
+#
+# ### Exercise: write the backward yourself
+#
+# Fill in `my_projection_backward` below: given the upstream gradient `dout` (B, T, O), the
+# input `x` and its top-K `mask` (B, T, C), and the weight `W` (O, C) of `y = (x * mask) @ W.T`,
+# return `dx` (B, T, C) with the straight-through estimator, and `dW` (O, C). It takes two or
+# three lines of NumPy (`np.einsum` spells out each sum; `@` works too). Then run the checker
+# cell after it. The checker
+#
+# - compares your `dW` with centred finite differences of $L = \sum Y \odot dout$ with respect
+#   to $W$, in float64 (the mask depends on $x$ only, so $L$ is a smooth, in fact linear,
+#   function of $W$, and finite differences measure its true gradient);
+# - compares your `dx` with the STE's definition, `dout @ W` at **every** channel, dropped ones
+#   included. Finite differences would measure the masked gradient here instead (section 4
+#   shows why), so they cannot check an STE.
+#
+# It prints both relative errors and PASS or FAIL, with a hint for the usual mistakes. While
+# the function still raises `NotImplementedError`, the checker says so and the notebook runs
+# on. The answer is in `lessons/solutions/sparse_projection.py`; the rest of this lesson uses it.
 
 # %%
-def hand_backward(dY, Xs, Mask, W, ste=True):
-    dW = np.einsum("bto,btc->oc", dY, Xs)     # (O, C): dW[o, c] = sum_{b,t} dY[b,t,o] Xs[b,t,c]
-    dXs = np.einsum("bto,oc->btc", dY, W)     # (B, T, C): dXs[n, c] = sum_o dY[n, o] W[o, c]
-    dX = dXs if ste else dXs * Mask           # Eq. 13 (STE) or Eq. 12 (masked)
-    return dX, dW, dXs
+def my_projection_backward(dout, x, W, mask):
+    """Backward of y = (x * mask) @ W.T with the straight-through estimator (Eq. 13).
+    dout (B, T, O), x and mask (B, T, C), W (O, C)  ->  (dx (B, T, C), dW (O, C))."""
+    raise NotImplementedError          # your code here: replace this line
 
+
+# %%
+def check_projection_backward(fn, seed=0):
+    """Check fn(dout, x, W, mask) -> (dx, dW). Returns True (PASS), False (FAIL) or None (not written)."""
+    r = np.random.default_rng(seed)
+    x = r.standard_normal((2, 3, 8))                          # (B, T, C)
+    W = r.standard_normal((5, 8))                             # (O, C)
+    dout = r.standard_normal((2, 3, 5))                       # (B, T, O), not all ones
+    mask = topk_mask(x, kept_count(8, 0.5))                   # (B, T, C), 4 of 8 kept per token
+    try:
+        dx, dW = fn(dout, x.copy(), W.copy(), mask.copy())
+    except NotImplementedError:
+        print("not written yet: fill in the function, then run this cell again")
+        return None
+    dx, dW = np.asarray(dx, dtype=np.float64), np.asarray(dW, dtype=np.float64)
+    if dx.shape != x.shape or dW.shape != W.shape:
+        print(f"FAIL: dx has shape {dx.shape} (want {x.shape}), dW {dW.shape} (want {W.shape})")
+        return False
+    Wf = W.copy()                                             # finite differences move Wf in place
+    num_dW = numerical_grad(lambda: float((dout * ((x * mask) @ Wf.T)).sum()), Wf)
+    ste_dx = dout @ W                                         # the STE's dx, by definition
+    err_dW, err_dx = rel_error(dW, num_dW), rel_error(dx, ste_dx)
+    ok = err_dW < 1e-6 and err_dx < 1e-10
+    print(f"dW against finite differences (float64): rel error {err_dW:.1e}   (pass below 1e-6)")
+    print(f"dx against the STE's dout @ W:           rel error {err_dx:.1e}   (pass below 1e-10)")
+    print("PASS" if ok else "FAIL")
+    if err_dx >= 1e-10 and rel_error(dx, ste_dx * mask) < 1e-10:
+        print("hint: your dx is the masked gradient dxs * mask (Eq. 12); the STE passes dxs to every channel")
+    if err_dW >= 1e-6 and rel_error(dW, np.einsum("bto,btc->oc", dout, x)) < 1e-10:
+        print("hint: your dW uses x; it must use the sparsified xs = x * mask, which the forward multiplied")
+    return ok
+
+
+check_projection_backward(my_projection_backward)
+
+# %% [markdown]
+# The answer, `projection_backward` in `lessons/solutions/sparse_projection.py`, is those
+# formulas in two `einsum` lines. The rest of the lesson uses it as the hand derivation and
+# compares it with the package, under both rules: for the masked gradient (Eq. 12) the hand
+# version multiplies its `dx` by the mask.
+
+# %%
+from solutions.sparse_projection import projection_backward      # lessons/solutions/
 
 dY = rng.standard_normal((B, T, O))           # a random upstream gradient, never all ones
 
 for ste in (True, False):
     (_,), cache = sparse_linear_forward(X, [W], SparseSpec(S, ste=ste))
     dX_pkg, (dW_pkg,) = sparse_linear_backward([dY], cache)
-    dX_h, dW_h, _ = hand_backward(dY, Xs_hand, Mask_hand, W, ste)
+    dX_h, dW_h = projection_backward(dY, X, W, Mask_hand)
+    dX_h = dX_h if ste else dX_h * Mask_hand  # Eq. 13 (STE) or Eq. 12 (masked)
     print(f"ste={ste!s:5}  rel error dX = {rel_error(dX_h, dX_pkg):.1e}   dW = {rel_error(dW_h, dW_pkg):.1e}")
 
 # %% [markdown]
@@ -187,7 +242,7 @@ def loss_of(X, W, spec):
 
 
 X0, W0 = X.copy(), W.copy()
-dX_h0, dW_h0, _ = hand_backward(dY, X0, np.ones_like(X0, dtype=bool), W0)
+dX_h0, dW_h0 = projection_backward(dY, X0, W0, np.ones_like(X0, dtype=bool))
 num_dX0 = numerical_grad(lambda: loss_of(X0, W0, SparseSpec(0.0)), X0)
 num_dW0 = numerical_grad(lambda: loss_of(X0, W0, SparseSpec(0.0)), W0)
 err_fd_dX0, err_fd_dW0 = rel_error(dX_h0, num_dX0), rel_error(dW_h0, num_dW0)
@@ -220,7 +275,7 @@ assert margin > 1e3 * h, "a near-tie: finite differences would flip the mask"
 
 Xf = X.copy()
 num_dX = numerical_grad(lambda: loss_of(Xf, W, SparseSpec(S)), Xf, h)
-_, _, dXs = hand_backward(dY, Xs_hand, Mask_hand, W)
+dXs, _ = projection_backward(dY, X, W, Mask_hand)        # the STE's dX is dXs = dY W
 err_fd_masked = rel_error(num_dX, dXs * Mask_hand)
 err_fd_ste = rel_error(num_dX, dXs)
 print(f"S = {S}: finite differences vs masked dXs*Mask (Eq. 12): rel error {err_fd_masked:.1e}")
@@ -290,7 +345,7 @@ dYq, dYk, dYv = (rng.standard_normal((B, T, O)) for _ in range(3))  # (B, T, O) 
 dX_qkv, (dWq, dWk, dWv) = sparse_linear_backward([dYq, dYk, dYv], cache_qkv)
 
 # by hand: each weight on its own, then the sum
-parts = [hand_backward(dYi, Xs_hand, Mask_hand, Wi) for dYi, Wi in ((dYq, Wq), (dYk, Wk), (dYv, Wv))]
+parts = [projection_backward(dYi, X, Wi, Mask_hand) for dYi, Wi in ((dYq, Wq), (dYk, Wk), (dYv, Wv))]
 dX_sum = parts[0][0] + parts[1][0] + parts[2][0]
 err_shared_dX = rel_error(dX_qkv, dX_sum)
 err_shared_dW = max(rel_error(a, p[1]) for a, p in zip((dWq, dWk, dWv), parts))
@@ -418,9 +473,12 @@ for s, a, b_ in zip(sparsities, fwd, train_ste):
 #
 # Every claim of this lesson, as an assert (float64; "to rounding" means 1e-12 relative):
 #
-# * the hand mask and forward equal `sparsify` / `sparse_linear_forward`, and the fast
-#   ops' STE shortcut (`minisparse/fast/topk.py`, `sparsify`) returns the same `xs`;
-# * hand $dW = dY^\top X_s$ and $dX$ (STE and masked) equal `sparse_linear_backward`;
+# * `sparsify` makes `topk_mask`'s mask, the hand forward equals `sparse_linear_forward`,
+#   and the fast ops' STE shortcut (`minisparse/fast/topk.py`, `sparsify`) returns the same `xs`;
+# * the exercise's checker passes the answer (`lessons/solutions/sparse_projection.py`),
+#   fails two planted wrong answers (the masked $dX$ of Eq. 12, and a $dW$ from the
+#   unsparsified $X$), and calls a stub that raises `NotImplementedError` not written;
+# * the answer's $dW = dY^\top X_s$ and $dX$ (STE and masked) equal `sparse_linear_backward`;
 # * at S = 0 both agree with finite differences to 1e-6;
 # * at S = 0.5 finite differences equal the masked gradient (1e-6) and not the STE, and the
 #   package's STE gradient equals $dX_s = dY\,W$ (its definition), `topk_backward` passes
@@ -431,6 +489,27 @@ for s, a, b_ in zip(sparsities, fwd, train_ste):
 
 # %%
 TOL_ROUND, TOL_FD = 1e-12, 1e-6
+
+
+def masked_dx(dout, x, W, mask):          # planted wrong answer: Eq. 12's dx, not the STE's
+    dx, dW = projection_backward(dout, x, W, mask)
+    return dx * mask, dW
+
+
+def dense_dW(dout, x, W, mask):           # planted wrong answer: dW from x instead of x * mask
+    dx, _ = projection_backward(dout, x, W, mask)
+    return dx, np.einsum("bto,btc->oc", dout, x)
+
+
+def stub(dout, x, W, mask):
+    raise NotImplementedError
+
+
+print("the checker on the answer, then on two wrong ones and a stub:")
+assert check_projection_backward(projection_backward) is True
+assert check_projection_backward(masked_dx) is False
+assert check_projection_backward(dense_dW) is False
+assert check_projection_backward(stub) is None
 Xs_pkg, Mask_pkg = sparsify(X, SparseSpec(S, ste=False))      # the masked-gradient spec
 np.testing.assert_array_equal(Mask_hand, Mask_pkg)
 np.testing.assert_array_equal(Xs_hand, Xs_pkg)
@@ -444,7 +523,8 @@ np.testing.assert_allclose(Y_hand, Y_pkg, rtol=TOL_ROUND, atol=TOL_ROUND)
 for ste in (True, False):
     (_,), cache = sparse_linear_forward(X, [W], SparseSpec(S, ste=ste))
     dX_pkg, (dW_pkg,) = sparse_linear_backward([dY], cache)
-    dX_h, dW_h, _ = hand_backward(dY, Xs_hand, Mask_hand, W, ste)
+    dX_h, dW_h = projection_backward(dY, X, W, Mask_hand)
+    dX_h = dX_h if ste else dX_h * Mask_hand
     np.testing.assert_allclose(dW_h, dW_pkg, rtol=TOL_ROUND, atol=TOL_ROUND)
     np.testing.assert_allclose(dX_h, dX_pkg, rtol=TOL_ROUND, atol=TOL_ROUND)
 

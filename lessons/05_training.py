@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -41,11 +41,12 @@ import time
 import matplotlib.pyplot as plt
 import numpy as np
 
-from minisparse import backend, model
-from minisparse.data import get_batch, load_text, split_ids
+from minisparse import model
+from minisparse.data import load_text
 from minisparse.topk import kept_count
 from minisparse.model import GPTConfig
-from minisparse.train import TrainConfig, estimate_loss, load_run, read_metrics, train
+from minisparse.train import TrainConfig, load_run, read_metrics, train
+from _helpers import ema, final_val_loss        # lessons/_helpers.py, shared with lesson 06
 
 # %% [markdown]
 # ## The runs
@@ -104,18 +105,10 @@ print(f"{len(steps)} training lines, {len(evals)} evaluation lines")
 # (seed, iter) (`minisparse/train.py`, `estimate_loss`), so all runs with the default seed
 # are scored on the same batches at a given step, and their validation curves zigzag
 # together: that is the batches' difficulty, not the models. The `dense_seed` run is scored
-# on other batches.
+# on other batches. The moving average, `ema` (debiased at the start like Adam's moments), is
+# in `lessons/_helpers.py`, with the final evaluation below: lesson 06 uses both.
 
 # %%
-def ema(values, alpha=0.05):
-    """Exponential moving average, debiased at the start like Adam's moments."""
-    out, s = [], 0.0
-    for i, v in enumerate(values):
-        s = (1 - alpha) * s + alpha * v
-        out.append(s / (1 - (1 - alpha) ** (i + 1)))
-    return np.array(out)
-
-
 STYLE = {"dense": ("k", "-"), "dense_seed": ("gray", "--"), "s0.5": ("tab:blue", "-"),
          "s0.8": ("tab:red", "-"), "s0.5_noste": ("tab:blue", ":")}
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
@@ -137,7 +130,9 @@ plt.show()
 #
 # 8 batches are too few to rank runs whose losses differ by a few hundredths, so the
 # final comparison scores every saved model (`minisparse/train.py`, `load_run`) on the
-# same 50 validation batches (12,800 tokens) and reports the mean with its standard error.
+# same 50 validation batches (12,800 tokens) and reports the mean with its standard error
+# (`lessons/_helpers.py`, `final_val_loss`: the loop of `minisparse/train.py`, `estimate_loss`,
+# keeping each batch's loss, and checked against it).
 #
 # `N` counts the projection weights of the blocks (embedding, LM head and norm gains left
 # out, as the paper does); `N_a` counts the weights one token multiplies: for every
@@ -147,21 +142,10 @@ plt.show()
 # at the down projection, so even the dense model touches fewer than N weights.
 
 # %%
-FINAL = TrainConfig(seed=0, batch_size=8, eval_iters=50)    # the shared final evaluation
 text = load_text("pydoc")
-final, final_se, cfg = {}, {}, {}
-for name in RUNS:
-    params, _, cfg[name], tok, _ = load_run(f"runs/05_{name}")
-    _, val_ids = split_ids(tok.encode(text))
-    rng = np.random.default_rng([FINAL.seed, 0, 1])          # the generator estimate_loss uses for "val"
-    losses = []
-    for _ in range(FINAL.eval_iters):
-        x, y = get_batch(val_ids, cfg[name].block_size, FINAL.batch_size, rng)
-        losses.append(float(model.forward(params, cfg[name], backend.asarray(x), backend.asarray(y))[1]))
-    final[name], final_se[name] = np.mean(losses), np.std(losses, ddof=1) / np.sqrt(len(losses))
-# the loop above is estimate_loss keeping each batch's loss; check that on the last run
-np.testing.assert_allclose(final[name], estimate_loss(params, cfg[name], {"val": val_ids}, FINAL, 0)["val"],
-                           rtol=1e-12)
+final, final_se = {}, {}
+for name in RUNS:                                           # the same 50 batches for every run
+    final[name], final_se[name] = final_val_loss(f"runs/05_{name}", text, eval_iters=50, batch_size=8)
 
 noise = abs(final["dense"] - final["dense_seed"])
 print(f"{'run':11s} {'val loss':>16s} {'- dense':>8s} {'N':>8s} {'N_a nominal':>12s} {'N_a measured':>13s}")
@@ -343,6 +327,7 @@ for name in ("dense", "s0.5", "s0.5_noste"):
 # layers have the same shapes, so the layer average is enough).
 
 # %%
+cfg = {name: load_run(f"runs/05_{name}")[2] for name in RUNS}     # each saved run's GPTConfig
 for name, s in summaries.items():
     c = cfg[name]
     C, Hd, L = c.n_embd, c.n_hidden, c.n_layer

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -46,7 +46,8 @@ from minisparse.flags import parse_nm
 from minisparse.model import GPTConfig
 from minisparse.nm import check_nm, nm_forward, nm_mask
 from minisparse.topk import kept_count, topk_mask
-from minisparse.train import TrainConfig, estimate_loss, load_run, read_metrics, train
+from minisparse.train import TrainConfig, load_run, read_metrics, train
+from _helpers import ema, final_val_loss        # lessons/_helpers.py: lesson 05's curves and final score
 
 # %% [markdown]
 # ## Two masks for the same 16 tokens
@@ -155,14 +156,19 @@ print("compressed N:M product equals the masked dense product (float32, tol 1e-5
 # %% [markdown]
 # ## The naming trap: which number is N?
 #
-# The paper writes N:M with **N the zeros** ("16:32": 16 of every 32 zeroed). NVIDIA's
-# "2:4" counts the **nonzeros** (at most 2 of every 4 kept). At 50% both readings agree;
-# anywhere else they are opposite sparsities. minisparse sidesteps this by naming the kept
-# count: `--nm KEEP:BLOCK` (parsed by `minisparse/flags.py`, `parse_nm`, into the model's
-# `GPTConfig.nm = (keep, block)`), so `--nm 16:32` is keep=16, block=32.
+# The paper calls the pattern N:M but does not pin down whether N counts the **kept** or the
+# **zeroed** entries of every M: its only example, 16:32 at 50% sparsity, reads the same
+# either way, so which the authors meant cannot be settled from the paper (docs/qsparse.md,
+# Sec. 4). NVIDIA's "2:4" counts the kept ones (at most 2 of every 4 nonzero). At 50% the two
+# readings agree; anywhere else they are opposite sparsities. minisparse makes a choice, and
+# it is a choice, not the paper's definition: it names the kept count, `--nm KEEP:BLOCK`
+# (parsed by `minisparse/flags.py`, `parse_nm`, into the model's `GPTConfig.nm = (keep, block)`),
+# so `--nm 16:32` is keep=16, block=32. When you compare with a text that writes N:M, check
+# which count it means; the last column is the name the same blocks would have if N counted
+# the zeros.
 
 # %%
-print(f"{'minisparse nm':>14s} {'keep':>5s} {'block':>6s} {'sparsity':>9s} {'paper writes':>13s}")
+print(f"{'minisparse nm':>14s} {'keep':>5s} {'block':>6s} {'sparsity':>9s} {'if N = zeros':>13s}")
 for nm in ("2:4", "4:8", "16:32", "1:4", "24:32"):
     keep, block = parse_nm(nm)
     cfg = model.GPTConfig(n_embd=64, n_head=2, nm=(keep, block))
@@ -237,20 +243,10 @@ print(f"all runs: {time.perf_counter() - t_all:.1f} s")
 # all runs with the default seed are scored on the same 4 batches at a given step and zigzag
 # together; `topk_seed` is scored on other batches. Then a final score of every saved model
 # on the same 50 validation batches (mean ± standard error), because 4 batches are too few
-# to rank runs this close.
+# to rank runs this close. The smoothing (`ema`) and the final score (`final_val_loss`) are
+# lesson 05's, kept once in `lessons/_helpers.py`.
 
 # %%
-
-
-def ema(values, alpha=0.05):
-    """Exponential moving average, debiased at the start like Adam's moments."""
-    out, s = [], 0.0
-    for i, v in enumerate(values):
-        s = (1 - alpha) * s + alpha * v
-        out.append(s / (1 - (1 - alpha) ** (i + 1)))
-    return np.array(out)
-
-
 metrics = {name: read_metrics(f"runs/06_{name.replace(':', '-')}") for name in RUNS}
 STYLE = {"topk": ("k", "-"), "topk_seed": ("gray", "--"), "nm2:4": ("tab:red", "-"),
          "nm4:8": ("tab:orange", "-"), "nm16:32": ("tab:blue", "-")}
@@ -268,19 +264,11 @@ for ax in (ax1, ax2):
 plt.tight_layout()
 plt.show()
 
-FINAL = TrainConfig(seed=0, batch_size=8, eval_iters=50)        # the shared final evaluation
 text = load_text("pydoc")
 final, final_se = {}, {}
-for name in RUNS:
-    params, _, cfg, tok, _ = load_run(f"runs/06_{name.replace(':', '-')}")
-    _, val_ids = split_ids(tok.encode(text))
-    rng_eval = np.random.default_rng([FINAL.seed, 0, 1])       # the generator estimate_loss uses for "val"
-    losses = []
-    for _ in range(FINAL.eval_iters):
-        xb, yb = get_batch(val_ids, cfg.block_size, FINAL.batch_size, rng_eval)
-        losses.append(float(model.forward(params, cfg, backend.asarray(xb), backend.asarray(yb))[1]))
-    final[name], final_se[name] = np.mean(losses), np.std(losses, ddof=1) / np.sqrt(len(losses))
-np.testing.assert_allclose(final[name], estimate_loss(params, cfg, {"val": val_ids}, FINAL, 0)["val"], rtol=1e-12)
+for name in RUNS:                                               # the same 50 batches for every run
+    final[name], final_se[name] = final_val_loss(f"runs/06_{name.replace(':', '-')}", text,
+                                                 eval_iters=50, batch_size=8)
 
 noise = abs(final["topk"] - final["topk_seed"])
 print(f"{'run':10s} {'val loss (50 batches)':>21s} {'- topk':>8s} {'N_a':>8s}")

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -37,14 +37,14 @@
 
 # %%
 import csv
-import os
 
 import matplotlib.pyplot as plt
 import numpy as np
 
 from minisparse import scaling
+from _helpers import repo_path      # lessons/_helpers.py: the repository, from the root or from lessons/
 
-path = os.path.join("..", "experiments", "scaling", "sweep.csv")
+path = repo_path("experiments", "scaling", "sweep.csv")
 with open(path, newline="") as f:
     rows = list(csv.DictReader(f))
 N = np.array([float(r["N"]) for r in rows])

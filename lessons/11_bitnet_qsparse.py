@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -49,6 +49,7 @@ import matplotlib.pyplot as plt
 
 from minisparse import model, quant
 from minisparse.linear import SparseSpec, sparse_linear_backward, sparse_linear_forward, sparsify
+from _helpers import repo_path      # lessons/_helpers.py: the repository, from the root or from lessons/
 
 rng = np.random.default_rng(0)
 
@@ -251,7 +252,7 @@ print(f"rows read at S = 0.5: {rows_read} of 128; packed product against the flo
 # 4e-3, 8e-3, `bash experiments/bitnet_runs.sh lr`); the logs are read here, not re-run.
 
 # %%
-ROOT = os.path.join("..", "experiments", "logs")
+ROOT = repo_path("experiments", "logs")
 
 
 def done_loss(path):
@@ -279,9 +280,10 @@ for name, a, b in table:
 # costs in full precision at 50%, and more at 70%, so in these runs the 1.58-bit models do not
 # tolerate *more* sparsity than full precision. That is not the paper's claim tested, though:
 # its S* = 61.25% for 1.58 bits (against 45.58%) comes from the compute-optimal frontier of a
-# scaling law fitted over many sizes (docs/qsparse.md, Sec. 6), a sweep minisparse has not run
-# for 1.58 bits yet. The learning rate: of the four tried on 1000-step runs, the default 2e-3
-# did best; the larger rates the paper recommends for BitNet models did worse here (one seed).
+# scaling law fitted over many sizes (docs/qsparse.md, Sec. 6), not from runs at one size.
+# Section 6 fits that law to minisparse's own sweep of four sizes in both precisions. The
+# learning rate: of the four tried on 1000-step runs, the default 2e-3 did best; the larger
+# rates the paper recommends for BitNet models did worse here (one seed).
 
 # %% [markdown]
 # ## 6. The two scaling laws
@@ -308,7 +310,7 @@ def read_sweep(path):
 
 fits = {}
 for name, fname in (("full precision", "sweep.csv"), ("1.58-bit", "sweep_b158.csv")):
-    N_, S_, L_ = read_sweep(os.path.join("..", "experiments", "scaling", fname))
+    N_, S_, L_ = read_sweep(repo_path("experiments", "scaling", fname))
     f = scaling.fit_law(N_, S_, L_)
     fits[name] = (f, scaling.optimal_sparsity(*(f[k] for k in scaling.NAMES)), len(N_))
     print(f"{name:15s} {len(N_)} runs: " + ", ".join(f"{k} {f[k]:.3g}" for k in scaling.NAMES)

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -40,6 +40,7 @@ from minisparse.linear import sparse_linear_forward
 from minisparse.loss import IGNORE, cross_entropy_backward, cross_entropy_forward
 from minisparse.model import GPTConfig
 from minisparse.train import TrainConfig, load_run, read_metrics, train
+from _helpers import repo_path
 
 quiet = lambda *a, **k: None      # train() logs one line per evaluation
 
@@ -211,9 +212,8 @@ for name, e in energy.items():
 
 # %%
 import json
-import os
 
-path = os.path.join("..", "experiments", "sft", "results.json")
+path = repo_path("experiments", "sft", "results.json")   # lessons/_helpers.py: from the root or lessons/
 rows = json.load(open(path))
 for r in rows:
     lo, hi = sft.wilson(r["correct"], r["n"])
