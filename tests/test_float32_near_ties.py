@@ -69,7 +69,7 @@ class Recorder:
 
 
 def install(monkeypatch, rec, cfg):
-    real_forward, real_layer = model.forward, fast_step._layer
+    real_forward, real_layer = model.forward, getattr(fast_step, "_layer", None)     # None: no numba
 
     def forward(params, cfg_, idx, targets=None, ops=model.REFERENCE, kv=None, project=None, **kw):
         if kv is None:                                     # not a decode call (e.g. a one-layer check)
@@ -105,7 +105,8 @@ def install(monkeypatch, rec, cfg):
             call["final"] = x.copy()[None, None]
 
     monkeypatch.setattr(model, "forward", forward)
-    monkeypatch.setattr(fast_step, "_layer", layer)
+    if real_layer is not None:
+        monkeypatch.setattr(fast_step, "_layer", layer)
     return real_forward
 
 

@@ -133,9 +133,10 @@ def union_rows_matmul_numba(xs, Wt, tile=0):
         raise RuntimeError("the 'numba' method needs numba: pip install numba")
     B, O = xs.shape[0], Wt.shape[1]
     u = np.flatnonzero((xs != 0).any(axis=0))                    # (|u|,) the union, ascending
-    vals = np.ascontiguousarray(xs[:, u].T, dtype=Wt.dtype)      # (|u|, B): one row's B values together
+    dt = np.result_type(xs, Wt)                                  # float64 inputs keep their sums in float64
+    vals = np.ascontiguousarray(xs[:, u].T, dtype=dt)            # (|u|, B): one row's B values together
     tile = _tiles(O, tile or min(4096, max(256, 8192 // B)))
-    y = np.empty((B, O), dtype=Wt.dtype)
+    y = np.empty((B, O), dtype=dt)
     return _numba_union_matmul(vals, u, Wt, y, tile), int(u.shape[0])
 
 
@@ -161,8 +162,9 @@ def rows_matvec_numba(vals, idx, Wt, tile=4096):
     # thread gets the same share (3 tiles on 2 threads would leave one idle a third of the time)
     n_tiles = P * -(-O // (P * tile))
     tile = max(16, -(-O // n_tiles))
-    y = np.empty(O, dtype=Wt.dtype)
-    return _numba_rows_matvec(vals.astype(Wt.dtype, copy=False), idx, Wt, y, tile)
+    dt = np.result_type(vals, Wt)                   # as rows_matvec_chunked: float64 inputs, float64 sums
+    y = np.empty(O, dtype=dt)
+    return _numba_rows_matvec(vals.astype(dt, copy=False), idx, Wt, y, tile)
 
 
 # The GPU path: two CUDA kernels in rowsparse.cu (top-K selection on the device, then the
