@@ -27,6 +27,7 @@ from minisparse import allocation, backend, evaluate as ev
 from minisparse.data import load_text, split_ids
 from minisparse.errors import UsageError
 from minisparse.flags import add_dtype_flag, parse_nm
+from minisparse.precision import load_dtype, with_precision
 from minisparse.fast import FAST
 from minisparse.pretrained import is_pretrained_source, load_gguf
 from minisparse.run import load_run
@@ -92,14 +93,14 @@ def parse_settings(text):
     return out
 
 
-def load_source(source, dtype=np.float32):
-    """A run directory, 'smollm2' or a .gguf file -> (params in `dtype`, cfg, tokenizer, data source,
-    template)."""
+def load_source(source, dtype="float32"):
+    """A run directory, 'smollm2' or a .gguf file -> (params in precision `dtype`, one of
+    precision.DTYPES, cfg, tokenizer, data source, template)."""
     if is_pretrained_source(source):
-        params, cfg, tok, template = load_gguf(source, block_size=256, dtype=dtype)
-        return params, cfg, tok, "pydoc", template
-    params, _, cfg, tok, meta = load_run(source, dtype)
-    return params, cfg, tok, meta.get("train", {}).get("data", "pydoc"), None
+        params, cfg, tok, template = load_gguf(source, block_size=256, dtype=load_dtype(dtype))
+        return with_precision(params, cfg, dtype), cfg, tok, "pydoc", template
+    params, _, cfg, tok, meta = load_run(source, load_dtype(dtype))
+    return with_precision(params, cfg, dtype), cfg, tok, meta.get("train", {}).get("data", "pydoc"), None
 
 
 def text_ids(tok, data, default_source):
@@ -170,7 +171,7 @@ def run_ab(args):
     (a_src, a_set), (b_src, b_set) = [(s.split("@", 1) + [None])[:2] for s in args.ab]
     models = []
     for src, setting in ((a_src, a_set), (b_src, b_set)):
-        params, cfg, tok, default_data, _ = load_source(src, np.dtype(args.dtype))
+        params, cfg, tok, default_data, _ = load_source(src, args.dtype)
         if setting is None:
             plan = ev.uniform(cfg, cfg.sparsity, cfg.nm, label="as trained")
         else:
@@ -219,7 +220,7 @@ def run(args):
         print(f"wrote {os.path.join(report_dir, 'ab.json')}")
         return
     settings = parse_settings(args.sparsity)
-    params, cfg, tok, default_data, _ = load_source(source, np.dtype(args.dtype))
+    params, cfg, tok, default_data, _ = load_source(source, args.dtype)
     trained = (cfg.sparsity, cfg.nm)
     if trained not in settings and trained != (0.0, None):
         settings.append(trained)

@@ -32,6 +32,7 @@ from minisparse.fast import rowsparse as fast_rowsparse
 from minisparse.fast.decode import decode_weights
 from minisparse.errors import UsageError
 from minisparse.flags import add_dtype_flag
+from minisparse.precision import load_dtype, with_precision
 from minisparse.sampling import generate
 from minisparse.train import load_run
 
@@ -89,10 +90,11 @@ def run(args):
         if not pretrained.is_pretrained_source(args.init_from):
             raise UsageError(f"--init_from {args.init_from!r} is not allowed: give 'smollm2' or a .gguf file "
                              "(a run of train_tiny.py is loaded with --out_dir).")
-        params, cfg, tok, template = pretrained.load_gguf(args.init_from, dtype=np.dtype(args.dtype))
+        params, cfg, tok, template = pretrained.load_gguf(args.init_from, dtype=load_dtype(args.dtype))
     else:
-        params, _, cfg, tok, meta = load_run(args.out_dir, np.dtype(args.dtype))
+        params, _, cfg, tok, meta = load_run(args.out_dir, load_dtype(args.dtype))
         template = sft.template_of(meta)           # a finetuned run: the chat template it was tuned with
+    params = with_precision(params, cfg, args.dtype)
     tuned = isinstance(template, sft.ChatTemplate)
     ids_eot = tok.encode(template.end if tuned else "<|im_end|>") if template else []
     if template and len(ids_eot) == 1:

@@ -56,11 +56,13 @@ def add_flags(parser, cls, skip=()):
 
 def add_dtype_flag(parser):
     """--dtype, the precision a program runs a model in (generate.py, evaluate.py)."""
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64", "mixed"),
                         help="the precision the model runs in, fast paths included. Top-K is discontinuous: in "
                              "float32 a near-tie at the K-th largest |x| can flip with the summation order, so "
                              "two correct implementations (or machines) may print different text; float64 is "
-                             "the ground truth to audit against (docs/qsparse.md, Sec. 8)")
+                             "the ground truth to audit against (docs/qsparse.md, Sec. 8). mixed: the "
+                             "projections' weights float32 as stored, everything else float64, which computes "
+                             "what float64 does where the weights are float32 numbers (minisparse/precision.py)")
 
 
 def given_values(cls, given):

@@ -5,7 +5,8 @@ runs the program itself, as a user would, with --dtype float64 and greedy decodi
 what it prints, and the logits it samples each token from, with `--reference` (the readable ops and
 the masked product): the default, each
 --kernel, --num_samples 1, 3 and 9, a --sparsity_plan, and --fallback auto taking each branch (dense
-on a prompt above the threshold, sparse below), on a tiny trained run and on SmolLM2-135M. In
+on a prompt above the threshold, sparse below), on a tiny trained run and on SmolLM2-135M; and
+--dtype mixed (float32 weights, float64 activations: minisparse/precision.py) against the same. In
 float64 the paths agree to ~1e-13 and the top two logits are never that close, so the texts are
 equal; in float32 they need not be (the discontinuity at top-K's K-th boundary: docs/qsparse.md,
 float64 as the ground truth), which is why no test compares float32 texts across paths."""
@@ -55,7 +56,7 @@ def load_gguf_once(source, dtype=None, **kw):
 REAL_LOAD = pretrained.load_gguf
 
 
-def texts(capsys, source, prompt, *extra, n=16):
+def texts(capsys, source, prompt, *extra, n=16, dtype="float64"):
     """What generate.py prints (stdout) and says (stderr) for greedy decoding in float64, and the
     logits (steps, B, V) its sampler was given, one row per token."""
     seen, real = [], sampling.sample_next
@@ -66,11 +67,11 @@ def texts(capsys, source, prompt, *extra, n=16):
     sampling.sample_next, generate.pretrained.load_gguf = watching, load_gguf_once
     try:
         rc, out, err = call(generate, [*source, "--prompt", prompt, "--temperature", 0, "--max_new_tokens", n,
-                                       "--dtype", "float64", *extra], capsys)
+                                       "--dtype", dtype, *extra], capsys)
     finally:
         sampling.sample_next, generate.pretrained.load_gguf = real, REAL_LOAD
     assert rc == 0, err
-    assert seen and seen[0].dtype == np.float64
+    assert seen and seen[0].dtype == np.float64          # mixed too: its activations are float64
     return out, err, np.stack(seen)
 
 
@@ -131,3 +132,23 @@ def test_smollm2_every_program_path_prints_the_reference_text(capsys, tmp_path, 
     check_every_path(capsys, source, "The capital of France is", ["--sparsity", sparsity], 30, tmp_path, n=8)
     check_fallback(capsys, source, "The capital of France is", ["--sparsity", sparsity], f"S={sparsity}",
                    tmp_path, n=8)
+
+
+def check_mixed(capsys, source, prompt, sparsity, n=16):
+    """--dtype mixed (float32 weights, float64 everything else) equals float64's reference on the
+    default path, a row-sparse kernel and a batch: these weights are float32 numbers (a float32
+    checkpoint; SmolLM2's GGUF), so only float64's own rounding separates them."""
+    ref = texts(capsys, source, prompt, "--reference", *sparsity, n=n)
+    for extra in ([], ["--kernel", KERNELS[-1]], ["--reference"]):
+        same(texts(capsys, source, prompt, *extra, *sparsity, n=n, dtype="mixed"), ref, f"--dtype mixed {extra}")
+    got = texts(capsys, source, prompt, "--num_samples", 3, *sparsity, n=n, dtype="mixed")
+    same((ref[0], None, got[2]), ref, "--dtype mixed --num_samples 3")
+
+
+def test_tiny_run_mixed_precision_equals_float64(run, capsys):
+    check_mixed(capsys, ["--out_dir", run], "the cat sat on", [])
+
+
+@needs_weights
+def test_smollm2_mixed_precision_equals_float64(capsys):
+    check_mixed(capsys, ["--init_from", "smollm2", "--raw"], "The capital of France is", ["--sparsity", "0.5"], n=8)
