@@ -15,7 +15,7 @@ For SmolLM2-135M at top-K 0.3-0.6, on 4 prompts and a few held-out windows, it r
   - what it buys: the rows whose kept set differs from float64's and the greedy next tokens that
     change, for float32 and for the remedy (the reference forward, as topk_flips.py measures them),
     and the largest logit difference of the default decode path (DecodeWeights, the compiled step
-    where numba is installed) against the float64 reference over a greedy continuation;
+    where numba is installed) against the same path in float64 over a greedy continuation;
   - what it costs: decode tokens/s of float32, the remedy and float64 through the default path at
     50% top-K and dense, the variants taking turns, the median of --rounds (the prompt's prefill
     left out), and the bytes of weights each reads per token.
@@ -91,6 +91,7 @@ def main(argv=None):
     p.add_argument("--T", type=int, default=32, help="tokens per window")
     p.add_argument("--tokens", type=int, default=64, help="tokens decoded per speed measurement")
     p.add_argument("--rounds", type=int, default=3, help="rounds of the speed measurement (median)")
+    p.add_argument("--only_speed", action="store_true", help="measure what it costs only (the speed)")
     args = p.parse_args(argv)
     print("machine:", describe())
     print("versions:", versions())
@@ -102,6 +103,14 @@ def main(argv=None):
     prompts = [tok.encode(t) for t in PROMPTS] + held_out_windows(tok, args.windows, args.T)
     p32, pmix = variant(params64, cfg, "float32"), variant(params64, cfg, "mixed")
 
+    print("NUMBA_NUM_THREADS:", os.environ.get("NUMBA_NUM_THREADS", "(unset)"),
+          "OPENBLAS_NUM_THREADS:", os.environ.get("OPENBLAS_NUM_THREADS", "(unset)"))
+    if not args.only_speed:
+        buys(args, params64, cfg, prompts, p32, pmix)
+    cost(args, params64, cfg, tok)
+
+
+def buys(args, params64, cfg, prompts, p32, pmix):
     print("\n## What it buys: the reference forward (no fast path) against float64, "
           f"{len(prompts)} sequences ({len(PROMPTS)} prompts, {args.windows} windows of {args.T} tokens)")
     print(f"{'S':>4} {'variant':>8} {'rows flipped':>14} {'greedy changed':>15} {'max |dlogit|':>13}")
@@ -115,7 +124,8 @@ def main(argv=None):
             print(f"{S:4.1f} {name:>8} {flipped:>7,} / {rows:<6,} {changed:>7} / {len(prompts):<6} {dmax:13.2e}")
 
     print(f"\n## The default decode path (DecodeWeights, the compiled step where numba is), greedy, "
-          f"{args.tokens} tokens after each of the {len(PROMPTS)} prompts, against the float64 reference path")
+          f"{args.tokens} tokens after each of the {len(PROMPTS)} prompts, against the same path in float64 (which "
+          "equals the float64 reference to ~1e-13: tests/test_float64_audit.py)")
     print(f"{'S':>4} {'variant':>8} {'same tokens':>12} {'max |dlogit| / max |logit|':>28}")
     for S in (0.4, 0.5):
         spec, c = SparseSpec(S), replace(cfg, sparsity=S)
@@ -130,6 +140,9 @@ def main(argv=None):
             print(f"{S:4.1f} {name:>8} {same:>5} / {len(PROMPTS):<5} {gap:28.2e}   (logits compared up to "
                   "the first token that differs)")
 
+
+
+def cost(args, params64, cfg, tok):
     print(f"\n## What it costs: decode tokens/s through the default path, {args.tokens} tokens after "
           f"{PROMPTS[0]!r}, prefill left out; the variants take turns, median of {args.rounds} rounds")
     ids = tok.encode(PROMPTS[0])

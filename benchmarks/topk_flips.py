@@ -246,6 +246,7 @@ def main(argv=None):
     p.add_argument("--tiny_sparsity", type=float, default=0.5, help="the sparsity the runs are evaluated at")
     p.add_argument("--windows", type=int, default=64, help="the runs: also this many windows of block_size "
                    "tokens of held-out pydoc text (the last 10%%), for the row statistics")
+    p.add_argument("--windows_T", type=int, default=0, help="the runs: tokens per window (0: the run's block_size)")
     args = p.parse_args(argv)
     print("machine:", describe())
     print("versions:", versions())
@@ -268,13 +269,16 @@ def main(argv=None):
         params64 = {k: v.astype(np.float64) for k, v in params32.items()}
         trained = f"Q-Sparse top-K S = {cfg.sparsity} (STE {cfg.ste})" if cfg.sparsity > 0 else "dense"
         prompts = [tok.encode(t) for t in PROMPTS]
-        prompts += held_out_windows(tok, args.windows, cfg.block_size)
+        T = args.windows_T or cfg.block_size
+        prompts += held_out_windows(tok, args.windows, T)
         print(f"\n# run {out_dir}: {cfg.n_layer} layers, n_embd {cfg.n_embd}, n_hidden {cfg.n_hidden}, "
               f"{cfg.activation}, vocab {cfg.vocab_size}; trained {trained}, {meta.get('iter')} steps; "
               f"prompt tokens {[len(x) for x in prompts[:len(PROMPTS)]]}, then {args.windows} windows of "
-              f"{cfg.block_size} tokens of held-out pydoc (seed 0)")
+              f"{T} tokens of held-out pydoc (seed 0)")
         S = args.tiny_sparsity
-        name = f"tiny, trained {'S=' + str(cfg.sparsity) if cfg.sparsity > 0 else 'dense'}"
+        size = "SmolLM2-135M" if cfg.n_layer == 30 and cfg.n_embd == 576 else "tiny"
+        how = "continue-trained" if meta.get("train", {}).get("init_from") else "trained"
+        name = f"{size}, {how} {'S=' + str(cfg.sparsity) if cfg.sparsity > 0 else 'dense'}"
         rows.append(report(name, cfg, compare(params64, params32, cfg, prompts, S), S, tok, prompts))
     summary(rows)
     return rows

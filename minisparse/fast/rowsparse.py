@@ -60,7 +60,8 @@ if numba is not None:
         # Threads take separate tiles of the outputs (no reduction between threads). In a
         # tile, 4 selected rows are added per pass: the partial sum y[j0:j1] (<= 16 KB) is read
         # and written once per 4 rows instead of once per row, and stays in L1; each row
-        # segment is read once, contiguously. fastmath lets LLVM vectorize the inner loop.
+        # segment is read once, contiguously. fastmath lets LLVM vectorize the inner loop. It
+        # returns nothing, as a kernel (fast/jit.py) must: fast/step.py's layer runs it as one.
         O, K = y.shape[0], idx.shape[0]
         for t in numba.prange((O + tile - 1) // tile):
             j0 = t * tile
@@ -80,7 +81,6 @@ if numba is not None:
                 for j in range(j1 - j0):
                     acc[j] += v * r[j]
                 k += 1
-        return y
 
 
 if numba is not None:
@@ -164,7 +164,8 @@ def rows_matvec_numba(vals, idx, Wt, tile=4096):
     tile = max(16, -(-O // n_tiles))
     dt = np.result_type(vals, Wt)                   # as rows_matvec_chunked: float64 inputs, float64 sums
     y = np.empty(O, dtype=dt)
-    return _numba_rows_matvec(vals.astype(dt, copy=False), idx, Wt, y, tile)
+    _numba_rows_matvec(vals.astype(dt, copy=False), idx, Wt, y, tile)
+    return y
 
 
 # The GPU path: two CUDA kernels in rowsparse.cu (top-K selection on the device, then the

@@ -25,6 +25,10 @@ other call (a prefill, a batch, INT8 or 1.58-bit, the GPU) goes to decode.decode
 Why faster: the per-layer work between the products (a few small NumPy calls each) is compiled
 into one call, so a token costs one Python call per layer instead of dozens, and the head runs
 on every thread.
+
+Start-up: everything here is in numba's on-disk cache except the threaded functions, which the
+layer and the head receive as kernels (fast/jit.py), compiled per process and only where a
+product or the head is large enough to share (Step.product, Step.head_split).
 """
 
 import math
@@ -37,7 +41,7 @@ from ..linear import SparseSpec
 from ..model import REFERENCE, SITES, head_weight, site_dims
 from ..rope import rope_tables
 from . import rowsparse as fast_rowsparse
-from .jit import njit
+from .jit import NO_KERNEL, call, kernel, njit
 
 numba = fast_rowsparse.numba             # optional, as there: absent, nothing below is compiled
 
@@ -79,8 +83,6 @@ def selection(cfg, spec):
 if numba is not None:
     from numba import types
     from numba.extending import overload
-
-    _rows_matvec = fast_rowsparse._numba_rows_matvec
 
     @njit()
     def _rmsnorm(x, g, eps, out):
@@ -198,29 +200,30 @@ if numba is not None:
                 acc[j] += v * r[j]
 
     @njit(parallel=True)
-    def _rows_matvec_split(vals, idx, Wt, y, parts):
-        # y = vals @ Wt[idx] (rowsparse.rows_matvec) with the selected rows split between the
-        # threads: each reads whole rows, one contiguous stream each, into its own partial sum
+    def _rows_matvec_split(vals, idx, Wt, y, P):
+        # y = vals @ Wt[idx] (rowsparse.rows_matvec) with the selected rows split in P parts between
+        # the threads: each reads whole rows, one contiguous stream each, into its own partial sum
         # parts[p]; the partial sums are added at the end
-        K, P = idx.shape[0], parts.shape[0]
+        K = idx.shape[0]
+        parts = np.empty((P, y.shape[0]), dtype=y.dtype)
         for p in numba.prange(P):
             _rows_into(vals, idx, Wt, parts[p], K * p // P, K * (p + 1) // P)
         y[:] = parts[0]
         for p in range(1, P):
             y += parts[p]
 
-    @njit(calls_parallel=True)
-    def _project(x, k, block, Wt, y, tile, idx, vals):
-        # y = (x sparsified) @ Wt, reading only the selected rows; returns the rows read. tile > 0:
-        # threads split the outputs in tiles (fast/rowsparse.py's kernel); -P < -1: P threads split
-        # the rows; -1: this thread alone (a product too small to share)
+    @njit()
+    def _project(x, k, block, Wt, y, tile, idx, vals, product):
+        # y = (x sparsified) @ Wt, reading only the selected rows; returns the rows read. tile -1:
+        # this thread alone (a product too small to share); else the threads share it through
+        # `product`, Step.product's kernel, which is passed in rather than named so that this
+        # function holds no threaded code and stays cached (fast/jit.py): -P, P threads split the
+        # rows (_rows_matvec_split); tile > 0, tiles of the outputs (fast/rowsparse.py's kernel)
         n = _select(x, k, block, idx, vals)
-        if tile > 0:
-            _rows_matvec(vals[:n], idx[:n], Wt, y, tile)
-        elif tile == -1:
+        if tile == -1:
             _rows_into(vals, idx, Wt, y, 0, n)
         else:
-            _rows_matvec_split(vals[:n], idx[:n], Wt, y, np.empty((-tile, y.shape[0]), y.dtype))
+            call(product, vals[:n], idx[:n], Wt, y, abs(tile))
         return n
 
     @njit()
@@ -269,11 +272,12 @@ if numba is not None:
                 for c in range(hs):
                     oh[c] += w * vj[c]
 
-    @njit(calls_parallel=True)
+    @njit()
     def _layer(x, pos, attn_norm, ffn_norm, eps, Wqkv, Wo, Wug, Wdown, kc, vc, cos, sin, pairs, n_head,
-               swiglu, k, block, tiles, read):
+               swiglu, k, block, tiles, read, product):
         # one block of model.forward for one token at position pos; x (C,) is updated in place,
-        # kc and vc (n_kv_head, block_size, hs) receive the token's key and value, read[s] the rows read
+        # kc and vc (n_kv_head, block_size, hs) receive the token's key and value, read[s] the rows
+        # read; product: the threaded product of the sites that share threads (_project)
         C, Hd = x.shape[0], Wdown.shape[0]
         n_kv, hs = kc.shape[0], kc.shape[2]
         Ckv = n_kv * hs
@@ -284,7 +288,7 @@ if numba is not None:
         # attention
         _rmsnorm(x, attn_norm, eps, h)
         qkv = np.empty(Wqkv.shape[1], dtype=dt)
-        read[0] = _project(h, k[0], block[0], Wqkv, qkv, tiles[0], idx, vals)
+        read[0] = _project(h, k[0], block[0], Wqkv, qkv, tiles[0], idx, vals, product)
         q, kn, vn = qkv[:C], qkv[C:C + Ckv], qkv[C + Ckv:]
         _rope(q, n_head, hs, cos, sin, pairs)
         _rope(kn, n_kv, hs, cos, sin, pairs)
@@ -294,12 +298,12 @@ if numba is not None:
         a = np.empty(C, dtype=dt)
         _attend(q, kc, vc, pos + 1, n_head, a)
         o = np.empty(C, dtype=dt)
-        read[1] = _project(a, k[1], block[1], Wo, o, tiles[1], idx, vals)
+        read[1] = _project(a, k[1], block[1], Wo, o, tiles[1], idx, vals, product)
         x += o
         # feed-forward
         _rmsnorm(x, ffn_norm, eps, h)
         ug = np.empty(2 * Hd, dtype=dt)
-        read[2] = _project(h, k[2], block[2], Wug, ug, tiles[2], idx, vals)
+        read[2] = _project(h, k[2], block[2], Wug, ug, tiles[2], idx, vals, product)
         m = np.empty(Hd, dtype=dt)
         for i in range(Hd):
             u, g = ug[i], ug[Hd + i]
@@ -308,7 +312,7 @@ if numba is not None:
             else:                                            # u * relu(g)^2 (relu2.py)
                 r = max(g, 0)
                 m[i] = u * (r * r)
-        read[3] = _project(m, k[3], block[3], Wdown, o, tiles[3], idx, vals)
+        read[3] = _project(m, k[3], block[3], Wdown, o, tiles[3], idx, vals, product)
         x += o
 
     @njit(fastmath=True, error_model="numpy")
@@ -327,15 +331,17 @@ if numba is not None:
         for t in numba.prange((V + tile - 1) // tile):             # threads take separate tiles of rows
             _head_rows(W, h, logits, t * tile, min(V, (t + 1) * tile))
 
-    @njit(calls_parallel=True)
-    def _head(x, norm_f, eps, W, tile, logits):
-        # logits = RMSNorm(x) @ W^T; tile >= V: on this thread alone (a head too small to share)
+    @njit()
+    def _head(x, norm_f, eps, W, tile, logits, split):
+        # logits = RMSNorm(x) @ W^T; tile >= V: on this thread alone (a head too small to share),
+        # else tiles of rows on the threads through `split`, Step.head_split's kernel (passed in,
+        # as in _project)
         h = np.empty_like(x)
         _rmsnorm(x, norm_f, eps, h)
         if tile >= W.shape[0]:
             _head_rows(W, h, logits, 0, W.shape[0])
         else:
-            _head_split(W, h, logits, tile)
+            call(split, W, h, logits, tile)
         return logits
 
 
@@ -343,22 +349,51 @@ class Step:
     """The step's weights: per layer the four sites' input-major Wt (DecodeWeights' copies), and how
     the threads share each site's product: split="rows", each thread whole selected rows (tiles -P,
     for numba's P threads); "outputs", tiles of the outputs (fast/rowsparse.py's kernel). A product
-    of fewer than fast.rowsparse.AUTO_MIN_WEIGHTS weights runs on one thread (tile -1)."""
+    of fewer than fast.rowsparse.AUTO_MIN_WEIGHTS weights runs on one thread (tile -1).
+
+    The threaded functions reach the compiled layer and head as kernels (fast/jit.py), compiled in
+    this process when first asked for (product, head_split), for the types in use only; where
+    nothing is shared (a tiny model) none is compiled, and start-up only loads the cache."""
 
     def __init__(self, wts, split="rows"):
         self.wts = wts                                       # [(Wqkv, Wo, Wug, Wdown)] per layer
         self.split(split)
         self._sel = (None, None)
+        self._head_kernels = {}
 
     def split(self, how, min_weights=fast_rowsparse.AUTO_MIN_WEIGHTS):
         """How the threads share the products (see the class), and the fewest weights of a product,
         or of the head, that they share (0: every one)."""
         if how not in ("rows", "outputs"):
             raise ValueError(f"split {how!r} is not 'rows' or 'outputs'")
-        self.min_weights = min_weights
+        self.how, self.min_weights = how, min_weights
         self.tiles = np.array([-1 if w.size < min_weights                           # too small to share
                                else fast_rowsparse._tiles(w.shape[1], 4096) if how == "outputs"
                                else -numba.get_num_threads() for w in self.wts[0]], dtype=np.int64)
+        self._products = {}
+
+    def product(self, dtype):
+        """The kernel (fast/jit.py) that the sites sharing threads (tiles != -1) run on inputs of
+        `dtype`, (vals, idx, Wt, y, P or tile): _rows_matvec_split for split "rows",
+        fast/rowsparse.py's kernel for "outputs"; NO_KERNEL where no site shares."""
+        if dtype not in self._products:
+            shared = [w for w, tile in zip(self.wts[0], self.tiles) if tile != -1]
+            f = _rows_matvec_split if self.how == "rows" else fast_rowsparse._numba_rows_matvec
+            vec = types.Array(numba.from_dtype(dtype), 1, "C")      # as _layer allocates them
+            self._products[dtype] = NO_KERNEL if not shared else kernel(
+                f, vec, types.int64[::1], numba.typeof(shared[0]), vec, types.int64)
+        return self._products[dtype]
+
+    def head_split(self, dtype, W):
+        """The kernel of the head's product on the threads, _head_split, for inputs of `dtype` and
+        the head's weights W (V, C); NO_KERNEL where the head is too small to share."""
+        key = (dtype, W.dtype, W.flags.c_contiguous, W.flags.f_contiguous, W.flags.writeable, W.flags.aligned,
+               W.size < self.min_weights)                   # what numba's type of W depends on, cheaply
+        if key not in self._head_kernels:
+            vec = types.Array(numba.from_dtype(dtype), 1, "C")
+            self._head_kernels[key] = NO_KERNEL if W.size < self.min_weights else kernel(
+                _head_split, numba.typeof(W), vec, vec, types.int64)
+        return self._head_kernels[key]
 
     def selection(self, cfg, spec):
         """selection(cfg, spec), or None where the step does not support the spec (supported);
@@ -400,12 +435,13 @@ def layers(params, cfg, step, x, kv, k, block, read):
     pos = kv.length
     hs = cfg.n_embd // cfg.n_head
     cos, sin = rope_tables(np, 1, hs, cfg.rope_base, pos, params["wte"].dtype)      # (1, hs/2)
+    product = step.product(x.dtype)
     for l in range(cfg.n_layer):
         p = f"h.{l}."
         Wqkv, Wo, Wug, Wdown = step.wts[l]
         _layer(x, pos, params[p + "attn_norm"], params[p + "ffn_norm"], cfg.norm_eps, Wqkv, Wo, Wug, Wdown,
                kv.k[l][0], kv.v[l][0], cos[0], sin[0], cfg.rope_layout == "pairs", cfg.n_head,
-               cfg.activation == "swiglu", k[l], block[l], step.tiles, read[l])
+               cfg.activation == "swiglu", k[l], block[l], step.tiles, read[l], product)
 
 
 def head(params, cfg, step, x):
@@ -413,4 +449,5 @@ def head(params, cfg, step, x):
     its rows split over the threads (on one thread where the head is small)."""
     W = head_weight(params, cfg)
     tile = W.shape[0] if W.size < step.min_weights else fast_rowsparse._tiles(W.shape[0], 4096)
-    return _head(x, params["norm_f"], cfg.norm_eps, W, tile, np.empty(W.shape[0], dtype=x.dtype))
+    return _head(x, params["norm_f"], cfg.norm_eps, W, tile, np.empty(W.shape[0], dtype=x.dtype),
+                 step.head_split(x.dtype, W))

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..nm import check_nm
 from ..quant import EPS
-from .jit import njit
+from .jit import call, kernel, njit
 
 try:                                   # optional: pip install numba
     import numba
@@ -118,7 +118,6 @@ if numba is not None:
         for p in range(1, P):                          # the other partial sums, one pass each
             for j in range(4 * Q):
                 acc[j] += flat[p, j]
-        return acc
 
     @njit()
     def _quantize_kept(x, idx, c127, eps):
@@ -140,22 +139,37 @@ if numba is not None:
                 K += 1
         return codes[:K], rows[:K], scale
 
-    @njit(calls_parallel=True)
-    def _token(x, k, block, c127, eps, packed, col_scale, y, P):
+    @njit()
+    def _token(x, k, block, c127, eps, packed, col_scale, y, P, rows_kernel):
         """One token: the kept inputs (fast.step's selection, fast.topk.topk_nonzero's rule), their
         INT8 codes, the integer sums, and y = sums * (col_scale / scale) as ternary.py computes it
         (the same operations in the same types: y's dtype is the two scales' result type); returns
-        the rows read."""
+        the rows read. rows_kernel: _ternary_rows as a kernel (_rows_kernel), passed in rather than
+        named so that this function holds no threaded code and stays cached (fast/jit.py)."""
         idx = np.empty(x.shape[0], dtype=np.int64)
         vals = np.empty_like(x)
         n = _select(x, k, block, idx, vals)
         codes, rows, scale = _quantize_kept(x, idx[:n], c127, eps)
         acc = np.empty(4 * packed.shape[1], dtype=np.int32)
-        _ternary_rows(codes, rows, packed, acc, P)
+        call(rows_kernel, codes, rows, packed, acc, P)
         cast = col_scale.dtype.type                     # acc.astype(col_scale.dtype)
         for j in range(y.shape[0]):
             y[j] = cast(acc[j]) * (col_scale[j] / scale)
         return rows.shape[0]
+
+
+_rows_kernels = {}
+
+
+def _rows_kernel(packed):
+    """_ternary_rows as the kernel _token runs (fast/jit.py): int16 codes and int64 rows as _token
+    makes them, for `packed`'s type; compiled in this process on first use."""
+    key = (packed.dtype, packed.flags.c_contiguous, packed.flags.f_contiguous, packed.flags.writeable,
+           packed.flags.aligned)                        # what numba's type of packed depends on, cheaply
+    if key not in _rows_kernels:
+        _rows_kernels[key] = kernel(_ternary_rows, types.int16[::1], types.int64[::1], numba.typeof(packed),
+                                    types.int32[::1], types.int64)
+    return _rows_kernels[key]
 
 
 def ternary_rows_matvec(qv, idx, packed, O, parts=0):
@@ -183,5 +197,5 @@ def ternary_sparse_matvec(x, spec, tw, rows_matvec=None):
     dtype = x.dtype.type
     y = np.empty(tw.O, dtype=np.result_type(tw.col_scale.dtype, x.dtype))
     read = _token(np.ascontiguousarray(x), k, block, dtype(127.0), dtype(EPS), tw.packed, tw.col_scale, y,
-                  numba.get_num_threads())
+                  numba.get_num_threads(), _rows_kernel(tw.packed))
     return y, int(read)
