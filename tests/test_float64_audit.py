@@ -1,5 +1,5 @@
 """Float64 as the ground truth: every decode path a user can take equals the readable reference in
-float64, on SmolLM2-135M and on tiny models (1.58-bit included).
+float64, on SmolLM2-135M and on tiny models, random and trained (1.58-bit included).
 
 Top-K is discontinuous. In float32 a relative difference of a few ulps at the K-th largest |x| can
 move a channel across the boundary, and the change spreads through the later layers, so two correct
@@ -171,3 +171,16 @@ def test_a_stale_cache_entry_fails_the_comparison():
 def test_the_comparison_passes_without_a_plant():
     params, cfg = tiny64()
     check_paths(params, cfg, cfg.spec, [3, 4, 5], [("gather", FAST), ("auto", FAST)], plant=lambda *a: None)
+
+
+@pytest.mark.parametrize("name", ["relu2", "smollm2-shaped", "bitnet1.58", "nm16:32"])
+def test_trained_tiny_models_every_kernel_in_float64(name):
+    """The same on tiny models trained with Q-Sparse (150 AdamW steps, the STE; test_float32_near_ties.py
+    trains them): training moves the weights off their random start, and the paths must still agree."""
+    from test_float32_near_ties import trained_tiny
+    p64, cfg, loss, stream = trained_tiny(name)
+    assert loss < 3.0, f"the tiny model did not train (loss {loss:.2f})"
+    for n in (1, 5, 9):
+        prompt = [int(t) for t in stream[100:100 + n]]
+        check_paths(p64, cfg, cfg.spec, prompt, ALL_PATHS)
+    check_paths(p64, cfg, cfg.spec, [int(t) for t in stream[100:105]], [("auto", FAST)], B=3)
