@@ -10,6 +10,7 @@ minisparse/export_gguf.py). Examples:
     python export.py --init_from smollm2 --to hf-smollm2            # a LLaMA-family GGUF file
     python export.py --out_dir out-tiny --to hf-tiny --force        # replace a previous export
     python export.py --out_dir out-smollm2 --format gguf --to smollm2-qsparse.gguf   # for llama.cpp
+    python export.py --init_from smollm2 --channel_order smollm2.order.npz --to hf-reordered   # reorder.py's order
 """
 
 import argparse
@@ -17,7 +18,8 @@ import dataclasses
 import os
 import sys
 
-from minisparse import export, export_gguf, pretrained, sft
+from minisparse import channel_order, export, export_gguf, pretrained, sft
+from minisparse.flags import add_channel_order_flag
 from minisparse.errors import UsageError
 from minisparse.run import load_run
 
@@ -35,6 +37,7 @@ def build_parser():
     p.add_argument("--force", action="store_true", help="replace a previous export at --to")
     p.add_argument("--sparsity", type=float, default=None,
                    help="record another top-K sparsity in config.json's qsparse (default: the model's own)")
+    add_channel_order_flag(p)     # without it the channels are written in the order they are stored
     return p
 
 
@@ -58,6 +61,8 @@ def run(args):
         chat = sft.template_of(meta)                   # a finetuned run: its end of turn and template
     if args.sparsity is not None:
         cfg = dataclasses.replace(cfg, sparsity=args.sparsity, nm=None)       # validates the value
+    if args.channel_order:
+        params = channel_order.reordered(params, cfg, args.channel_order)
     if args.format == "gguf":
         path = export_gguf.export_gguf(params, cfg, tok, args.to, args.force, template, chat)
         print(f"wrote {path}: GGUF llama, n_layer {cfg.n_layer}, n_embd {cfg.n_embd}, vocab_size "

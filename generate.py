@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from minisparse import backend, model, pretrained, sft
+from minisparse import backend, channel_order, model, pretrained, sft
 from minisparse import evaluate as ev
 from minisparse.data import start_ids
 from minisparse.decode import SparsityMeter
@@ -31,7 +31,7 @@ from minisparse.fast import FAST
 from minisparse.fast import rowsparse as fast_rowsparse
 from minisparse.fast.decode import decode_weights
 from minisparse.errors import UsageError
-from minisparse.flags import add_dtype_flag
+from minisparse.flags import add_channel_order_flag, add_dtype_flag
 from minisparse.precision import load_dtype, with_precision
 from minisparse.sampling import generate
 from minisparse.train import load_run
@@ -72,6 +72,7 @@ def build_parser():
                         "auto and numba decode one token at a time through a compiled step (minisparse/fast/step.py), "
                         "dense included")
     add_dtype_flag(p)
+    add_channel_order_flag(p)
     p.add_argument("--reference", action="store_true",
                    help="run the readable reference ops and the masked product (unless --kernel is given; "
                         "'gather' is the reference row-sparse product), none of minisparse/fast/: to step "
@@ -109,6 +110,8 @@ def run(args):
             raise UsageError("--sparsity_plan sets the sparsity of every site: it cannot be combined with "
                              "--sparsity or --fallback.")
         plan = ev.plan_from_report(args.sparsity_plan, cfg)
+    if args.channel_order:
+        params = channel_order.reordered(params, run_cfg, args.channel_order, plan)
     text = args.prompt
     if template and not args.raw:
         text = template.prompt(args.prompt) if tuned else pretrained.chat_prompt(args.prompt)

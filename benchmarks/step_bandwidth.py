@@ -3,7 +3,7 @@ each part reads its weights. One token at a time after the prompt, the variants 
 round, on SmolLM2-135M (default) or a train_tiny.py run.
 
     env -u OPENBLAS_CORETYPE python benchmarks/step_bandwidth.py [--rounds 20] [--sparsity 0,0.5]
-                                                                 [--out_dir RUN]
+                                                                 [--out_dir RUN] [--channel_order FILE]
 
 Variants: each sparsity S, and "no rows", where every site keeps k = 0 inputs, so the layers do all
 their work but the products' row reads: the norms, RoPE, the cache, attention, the activation, the
@@ -13,6 +13,8 @@ calls. Per variant, the median over the rounds of
   - products: layers minus "no rows" (this includes the selection), and the bytes of the weight rows
     the sites read (the rows the step counts, times each row's bytes), so the rate, GB/s;
   - the head's rate: all its weights, GB/s.
+With --channel_order (a file of reorder.py), the same model with its channels in that order is
+measured beside the stored one, in alternating blocks of rounds, its variants marked "reordered".
 The weights should be larger than the last-level cache (SmolLM2: 0.54 GB of float32 weights read a
 token, dense), else this measures the cache.
 """
@@ -70,6 +72,8 @@ def main():
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--sparsity", default="0,0.5", help="comma-separated top-K sparsities")
     p.add_argument("--out_dir", default=None, help="a train_tiny.py run instead of SmolLM2-135M")
+    p.add_argument("--channel_order", default="", help="also measure the model in this channel order (reorder.py)")
+    p.add_argument("--blocks", type=int, default=4, help="with --channel_order: alternate the two this many times")
     a = p.parse_args()
     if fast_step.numba is None:
         sys.exit("benchmarks/step_bandwidth.py measures the compiled step, which needs numba (pip install numba).")
@@ -79,7 +83,13 @@ def main():
     else:
         params, cfg, tok, _ = pretrained.load_gguf("smollm2", block_size=256)
         ids = tok.encode(pretrained.chat_prompt("Explain Python's with statement."))
-    fast = DecodeWeights(params, cfg)
+    models = {"": (params, DecodeWeights(params, cfg))}
+    if a.channel_order:
+        from minisparse import channel_order
+        order, _ = channel_order.load(a.channel_order, cfg)
+        p2 = channel_order.apply(params, cfg, order)
+        models[" reordered"] = (p2, DecodeWeights(p2, cfg))
+    fast = models[""][1]
     step = fast.step
     print("machine:", describe())
     print("command: python benchmarks/step_bandwidth.py " + " ".join(sys.argv[1:]))
@@ -91,17 +101,24 @@ def main():
           f"the step's split: {step.tiles.tolist()}")
 
     variants = {f"S {s}": cfg.spec_at(float(s)) for s in a.sparsity.split(",")}
-    times, row_bytes = measure(params, cfg, fast, ids, variants, a.rounds)
+    times, bases = {}, {}
+    blocks = a.blocks if a.channel_order else 1
+    for b in range(blocks):                       # the two orders take turns, a block of rounds each
+        for tag, (pm, fm) in models.items():
+            got, row_bytes = measure(pm, cfg, fm, ids, variants, max(1, a.rounds // blocks))
+            for name, ts in got.items():
+                times.setdefault(name + tag, []).extend(ts)
+                bases[name + tag] = "no rows" + tag
     print("load average after:", " ".join(f"{v:.2f}" for v in os.getloadavg()))
-    base = statistics.median(t[0] for t in times["no rows"])
-    print(f"{'variant':>8} | layers ms | head ms | products ms | rows read GB | products GB/s | head GB/s")
+    print(f"{'variant':>18} | layers ms | head ms | products ms | rows read GB | products GB/s | head GB/s")
     for name in times:
+        base = statistics.median(t[0] for t in times[bases[name]])
         lay = statistics.median(t[0] for t in times[name])
         hd = statistics.median(t[1] for t in times[name])
         nbytes = times[name][0][2]
         prod = lay - base
-        rate = f"{nbytes / prod / 1e9:13.1f}" if name != "no rows" else f"{'-':>13}"
-        print(f"{name:>8} | {1e3 * lay:9.2f} | {1e3 * hd:7.2f} | {1e3 * prod:11.2f} | {nbytes / 1e9:12.3f} | "
+        rate = f"{nbytes / prod / 1e9:13.1f}" if not name.startswith("no rows") else f"{'-':>13}"
+        print(f"{name:>18} | {1e3 * lay:9.2f} | {1e3 * hd:7.2f} | {1e3 * prod:11.2f} | {nbytes / 1e9:12.3f} | "
               f"{rate} | {W.nbytes / hd / 1e9:9.1f}")
     print(f"inputs per site: {dict(zip(SITES, (site_dims(cfg)[s][0] for s in SITES)))}; "
           f"row bytes per site: {dict(zip(SITES, row_bytes.tolist()))}")

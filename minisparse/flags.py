@@ -74,3 +74,10 @@ def given_values(cls, given):
             parse = f.metadata.get("parse")
             out[f.name] = parse(given[f.name]) if parse else given[f.name]
     return out
+
+
+def add_channel_order_flag(parser):
+    """--channel_order, an order file of reorder.py (generate.py, export.py)."""
+    parser.add_argument("--channel_order", default="",
+                        help="store the model's channels in this order (a file reorder.py wrote): the same model, "
+                             "with top-K's selected rows in longer runs (minisparse/channel_order.py)")
