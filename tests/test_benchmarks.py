@@ -136,3 +136,30 @@ def test_topk_flips_records_every_selection_and_finds_none_at_equal_precision():
     assert sum(v[0] for v in res["flips"].values()) == 0 and res["seqs"][0]["first"] is None
     g = topk_flips.boundary_gap(topk_flips.np.array([[4.0, -2.0, 1.0, 0.5], [3.0, 0.0, 0.0, 0.0]]), 2)
     assert g[0] == 0.5 and topk_flips.np.isnan(g[1])
+
+
+def test_llama_cpp_benchmark_builds_its_commands_and_reads_generates_decode_line(monkeypatch):
+    """benchmarks/llama_cpp.py without llama-cpp-python (an optional benchmark-only package): --extra
+    appends its arguments to the minisparse command, the decode's tokens and seconds are read from
+    generate.py's line, and a missing llama_cpp is one clear error."""
+    from benchmarks import llama_cpp as bench
+    extra = bench.parse_extra(["50% reordered=--sparsity 0.5 --channel_order 'orders/a b.npz'"])
+    assert extra == {"50% reordered": ["--sparsity", "0.5", "--channel_order", "orders/a b.npz"]}
+    with pytest.raises(SystemExit):
+        bench.parse_extra(["no equals sign"])
+    with pytest.raises(SystemExit):
+        bench.parse_extra(["minisparse dense=--sparsity 0"])
+    cmds = bench.minisparse_variants("Hi.", 16, extra)
+    assert list(cmds) == ["minisparse dense", "minisparse 50%", "50% reordered"]
+    assert cmds["minisparse 50%"][-2:] == ["--sparsity", "0.5"] and cmds["50% reordered"][-1] == "orders/a b.npz"
+    assert cmds["minisparse dense"][:5] == ["generate.py", "--init_from", "smollm2", "--prompt", "Hi."]
+    err = ("----------\n16 tokens in 1.90 s: 8 tokens/s (dense)\nof which the prompt: 31 tokens in 0.40 s; "
+           "the decode: 16 tokens in 1.50 s, 11 tokens/s\n")
+    assert bench.decode_of(err) == (16, 1.5) and bench.decode_of("16 tokens in 1.90 s") is None
+    assert bench.answer_of("Hi.\nHello there!\n", "Hi.") == "Hello there!"
+    assert bench.answer_of("The capital of France is Paris.\n", "The capital of France is") == " Paris."
+    env = bench.environment(3)
+    assert env["NUMBA_NUM_THREADS"] == "3" and not any(k in env for k in bench.UNSET)
+    monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit, match="pip install llama-cpp-python"):
+        bench.main(["--rounds", "1"])
