@@ -481,3 +481,103 @@ for name, c in configs.items():
 assert np.array_equal(greedy_fast, greedy_masked)
 print("ok: gathered rows == masked dense product (rtol 1e-5, atol 1e-5·max|y|), "
       "argpartition's indices == topk_mask, and the counts equal count_params / activated_params")
+
+# %% [markdown]
+# ## 5. Longer runs: the same model with its channels in another order
+#
+# The row-sparse product reads, for every kept input channel i, the row `Wt[i]`. Kept channels
+# with neighbouring indices are one stretch of memory, a *run*; each new run starts a new stream,
+# and costs about one memory latency before the bytes flow (`benchmarks/RESULTS.md`, Sec. 16.3).
+# At 50% top-K with channels kept independently, a row's neighbour is kept half the time, so a
+# token's kept rows form about D/4 runs a site. Fewer, longer runs would bring the sparse product's
+# rate closer to the dense one's.
+#
+# The runs can be made longer without changing the model, by storing the channels in another
+# order (`minisparse/channel_order.py`). For a permutation P, `y = W x = (W Pᵀ)(P x)`: move W's
+# columns with x's channels and y does not change; and top-K ranks |x|, so it keeps the same
+# channels at their new positions. Done for every weight that reads or writes a channel (the
+# residual stream: one order for every layer; attention's value channels within each head; the
+# FFN's hidden units), the model computes exactly what it did, except where two inputs tie
+# exactly at the K-th place (top-K keeps the lower index) and for the rounding of sums taken in
+# another order. N:M is the exception: its blocks are *consecutive* channels, so a new order
+# makes other blocks and another model.
+#
+# First the idea on made-up selections where it works: 64 channels in 8 hidden groups, scattered,
+# and every token keeps 4 whole groups. `channel_order.path` chains channels greedily so that a
+# kept channel is followed by one kept with it (C[i, j] = P(j kept and i not), the chance a run
+# starts at j after i).
+
+# %%
+from minisparse import channel_order as co
+
+rng = np.random.default_rng(0)
+where = rng.permutation(64).reshape(8, 8)                 # where group g's 8 channels are stored
+kept_toy = np.zeros((400, 64), dtype=bool)
+for t in range(400):
+    kept_toy[t, where[rng.choice(8, 4, replace=False)].ravel()] = True
+toy_order = co.path(co.start_cost([kept_toy[:200]]), kept_toy[:200].mean(axis=0))   # chosen on 200 tokens
+held_toy = kept_toy[200:]                                 # measured on 200 others
+print(f"made-up selections: {co.runs(held_toy):.1f} runs a token as stored, "
+      f"{co.runs(held_toy[:, toy_order]):.1f} in the chosen order (4 groups kept: at most 4 runs, "
+      "fewer where two kept groups sit side by side)")
+
+# %% [markdown]
+# Now SmolLM2-135M (lesson 10) at 50% top-K: record which channels each site keeps on 256 tokens
+# of text, choose the order from them (`channel_order.calibrate`, what `reorder.py` runs), and
+# count the runs on 128 other tokens. Then check that the reordered model is the same model, in
+# float64, where rounding cannot hide a difference.
+
+# %%
+from minisparse import pretrained
+from minisparse.data import load_text
+
+sparams, scfg, stok, _ = pretrained.load_gguf("smollm2", block_size=128)
+text_ids = np.array(stok.encode(load_text("pydoc")[:200_000]))
+calib_ids, held_ids = text_ids[:256].reshape(2, 128), text_ids[20_000:20_128].reshape(1, 128)
+sspec = scfg.spec_at(0.5)
+t0 = time.perf_counter()
+order = co.calibrate(co.selections(sparams, scfg, calib_ids, sspec), scfg)
+kept_held = co.selections(sparams, scfg, held_ids, sspec)
+before, after = co.runs_per_token(kept_held, scfg), co.runs_per_token(kept_held, scfg, order)
+print(f"SmolLM2, 50% top-K, runs a token starts over its 30 layers ({time.perf_counter() - t0:.0f} s to choose and count):")
+for site in SITES:
+    print(f"  {site:8s} as stored {before[site]:7,.0f}   reordered {after[site]:7,.0f}   ({after[site] / before[site]:.2f}x)")
+print(f"  all      as stored {sum(before.values()):7,.0f}   reordered {sum(after.values()):7,.0f}   "
+      f"({sum(after.values()) / sum(before.values()):.2f}x)")
+
+m = kept_held[29, "down"][:48, :192]                       # 48 tokens, the first 192 hidden units of the top layer
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.2), sharey=True)
+for ax, (title, mm) in zip(axes, [("as stored", m), ("reordered", kept_held[29, "down"][:48, order["ffn"][29]][:, :192])]):
+    ax.imshow(mm, aspect="auto", cmap="Greys", interpolation="nearest")
+    ax.set_title(f"layer 29 down, {title}: {co.runs(mm):.0f} runs a token in these 192")
+    ax.set_xlabel("channel as stored" if title == "as stored" else "position in the new order")
+axes[0].set_ylabel("token")
+plt.tight_layout()
+plt.show()
+
+p64 = {k: v.astype(np.float64) for k, v in sparams.items()}
+q64 = co.apply(p64, scfg, order)
+ids_check = held_ids[:, :16]
+l_stored = model.forward(p64, dataclasses.replace(scfg, sparsity=0.5), ids_check)[0]
+l_reordered = model.forward(q64, dataclasses.replace(scfg, sparsity=0.5), ids_check)[0]
+rel = float(np.abs(l_stored - l_reordered).max() / np.abs(l_stored).max())
+print(f"float64, 16 tokens at 50% top-K: the reordered logits are {rel:.1e} from the stored order's, relative")
+assert rel < 1e-10
+del p64, q64
+
+# %% [markdown]
+# On real text the picture is the left one with its columns shuffled, not sorted into blocks.
+# The chosen order starts somewhat fewer runs (the printed ratios), and the reason there are not
+# far fewer is in the selections themselves: almost every channel of SmolLM2 is kept close to
+# half the time, and two channels' selections are nearly independent (mean |correlation| about
+# 0.03 at the qkv, up_gate and down sites). With no channel kept nearly always or nearly never,
+# and nothing kept together, no order can put the kept channels of most tokens side by side;
+# attention's value channels, whose frequencies spread wider, gain the most.
+# `benchmarks/channel_order.py` prints these statistics layer by layer, and
+# `benchmarks/RESULTS.md` what the order buys in GB/s and tokens/s.
+#
+# To use an order: `python reorder.py --init_from smollm2 --sparsity 0.5 --to smollm2.order.npz`,
+# then `generate.py ... --channel_order smollm2.order.npz`; `export.py --channel_order` writes the
+# reordered weights (without it, the order they are stored in). `tests/test_channel_order.py`
+# holds every generate.py path of the reordered model to the stored model's reference text in
+# float64, and its float32 paths to the near-tie rule.
